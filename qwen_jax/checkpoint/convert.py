@@ -1,0 +1,127 @@
+"""Hugging Face checkpoint directory (config.json + safetensors) -> model directory (`qwen_jax.checkpoint.format`).
+
+Everything that can be checked is checked before anything is written (config, file integrity, every key and shape);
+the output is built in a temporary sibling directory and renamed into place only when complete, so DST appears
+whole or not at all.
+"""
+
+from __future__ import annotations
+
+from qwen_jax.errors import InputError
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qwen_jax.checkpoint.format import (
+    FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, MTP_DIR, PARAMS_DIR, save_tree, set_path,
+)  # fmt: skip
+from qwen_jax.checkpoint.hf_mapping import apply_rule, keeps_float32, plan
+from qwen_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
+from qwen_jax.config import load_config
+
+DTYPES = {"bfloat16": "bfloat16", "float32": "float32"}
+
+
+class ConversionError(InputError):
+    """A conversion that cannot proceed."""
+
+
+def _target_dtype(path: str, source: np.dtype, requested: str | None) -> np.dtype:
+    import jax.numpy as jnp
+
+    if keeps_float32(path):
+        return np.dtype(np.float32)
+    if requested is None or not jnp.issubdtype(source, jnp.floating):
+        return source
+    return np.dtype(jnp.dtype(requested))
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | None = None, log: Callable[[str], None] = print) -> None:
+    """Convert the checkpoint at `src` into a model directory at `dst` (which must not exist)."""
+    from qwen_jax.model import param_shapes
+
+    src, dst = Path(src), Path(dst)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"unsupported --dtype {dtype!r} (choose bfloat16 or float32)")
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such directory")
+    if dst.exists():
+        raise ConversionError(f"{dst} already exists; choose a new destination")
+    config = load_config(src)
+    ckpt = SafetensorsCheckpoint(src)
+    mapping = plan(config, ckpt.keys())
+    for rule in mapping.rules:
+        for key, expected in zip(rule.sources, rule.source_shapes):
+            shape = ckpt.info(key)[1]
+            if shape != expected:
+                raise ConversionError(f"{key}: shape {list(shape)} but the config implies {list(expected)}")
+    if mapping.set_aside:
+        log(f"note: {len(mapping.set_aside)} vision tensors (model.visual.*) set aside; vision support comes later")
+
+    from tqdm import tqdm
+
+    params: dict = {}
+    records = []
+    for rule in tqdm(mapping.rules, desc="converting", unit="tensor", disable=None):
+        arrays = apply_rule(rule, [ckpt.read(k) for k in rule.sources], config.text)
+        targets = []
+        for path, array in zip(rule.targets, arrays):
+            array = array.astype(_target_dtype(path, array.dtype, dtype))
+            set_path(params, path, array)
+            targets.append({"path": path, "dtype": str(array.dtype), "shape": list(array.shape)})
+        sources = [
+            {"key": k, "file": ckpt.key_file[k], "dtype": ckpt.info(k)[0], "shape": list(ckpt.info(k)[1])}
+            for k in rule.sources
+        ]
+        records.append({"op": rule.op, "sources": sources, "targets": targets})
+    _check_against_model(params, param_shapes(config.text))
+
+    mtp: dict = {}
+    for key in mapping.mtp_keys:
+        array = ckpt.read(key)
+        set_path(mtp, key.replace(".", "/"), array.astype(_target_dtype(key, array.dtype, dtype)))
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix != ".safetensors":
+                shutil.copy2(f, tmp / f.name)
+        save_tree(tmp / PARAMS_DIR, params)
+        if mtp:
+            save_tree(tmp / MTP_DIR, mtp)
+        metadata = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "model_type": config.model_type,
+            "dtype": dtype,
+            "source_index": ckpt.index_file,
+            "source_files": {name: f.metadata for name, f in ckpt.files.items()},
+            "tensors": records,
+            "mtp": {"dir": MTP_DIR, "keys": mapping.mtp_keys} if mtp else None,
+            "set_aside": mapping.set_aside,
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {dst} ({len(records)} rules, {sum(len(r['targets']) for r in records)} parameters)")
+
+
+def _check_against_model(params: dict, expected: dict, prefix: str = "") -> None:
+    """The converted tree must have exactly the model's parameter paths and shapes."""
+    if set(params) != set(expected):
+        extra, missing = sorted(set(params) - set(expected)), sorted(set(expected) - set(params))
+        raise ConversionError(f"converted tree differs from the model at {prefix or '/'}: extra {extra}, missing {missing}")
+    for k, v in expected.items():
+        if isinstance(v, dict):
+            _check_against_model(params[k], v, f"{prefix}{k}/")
+        elif tuple(params[k].shape) != tuple(v.shape):
+            raise ConversionError(f"{prefix}{k}: converted shape {params[k].shape}, model expects {v.shape}")

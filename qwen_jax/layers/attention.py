@@ -1,0 +1,70 @@
+"""Gated full attention (Qwen3-Next / Qwen3.5): GQA with q/k RMSNorm before partial RoPE and a per-head output gate.
+
+`q_proj` yields, per head, the query and a gate of the same width; the attention output is multiplied by
+`sigmoid(gate)` before `o_proj`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.config import TextConfig
+from qwen_jax.layers.linear import Linear
+from qwen_jax.layers.norms import RMSNorm
+from qwen_jax.layers.rope import apply_rotary
+
+MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def attention_bias(query_positions: jax.Array, key_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """Additive float32 bias `[batch, 1, q, k]`: 0 where key k is valid and not after query q, else very negative.
+
+    query_positions `[batch, q]`, key_positions `[batch, k]` are slot indices in the same sequence; key_valid
+    `[batch, k]` is False for padding.
+    """
+    allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_valid[:, None, :].astype(bool)
+    return jnp.where(allowed, 0.0, MASKED)[:, None].astype(jnp.float32)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """Softmax attention in float32. q `[batch, q, heads, dim]`, k/v `[batch, k, kv_heads, dim]`, bias `[batch, 1,
+    q, k]` -> `[batch, q, heads, dim]`. Query head i reads kv head `i // (heads / kv_heads)`."""
+    b, tq, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, tq, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * dim**-0.5
+    scores = scores + bias[:, :, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return out.reshape(b, tq, heads, dim)
+
+
+class Attention(nn.Module):
+    """x `[batch, seq, hidden]`, cos/sin `[batch, seq, rotary_dim]`, bias `[batch, 1, seq, seq]` -> same as x."""
+
+    config: TextConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+        c = self.config
+        b, t, _ = x.shape
+        heads, kv_heads, dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+        def proj(features, axes, name):
+            return Linear(features, axes, name=name, dtype=self.dtype, use_bias=c.attention_bias)
+
+        query_gate = proj(heads * dim * 2, ("embed", "q_heads"), "q_proj")(x).reshape(b, t, heads, 2 * dim)
+        q, gate = query_gate[..., :dim], query_gate[..., dim:]
+        k = proj(kv_heads * dim, ("embed", "kv_heads"), "k_proj")(x).reshape(b, t, kv_heads, dim)
+        v = proj(kv_heads * dim, ("embed", "kv_heads"), "v_proj")(x).reshape(b, t, kv_heads, dim)
+        q = RMSNorm(dim, c.rms_norm_eps, axis_name="head_dim", name="q_norm")(q)
+        k = RMSNorm(dim, c.rms_norm_eps, axis_name="head_dim", name="k_norm")(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = dot_product_attention(q, k, v, bias)
+        out = out.reshape(b, t, heads * dim) * jax.nn.sigmoid(gate.reshape(b, t, heads * dim))
+        return proj(c.hidden_size, ("q_heads", "embed"), "o_proj")(out)

@@ -1,0 +1,184 @@
+"""The gated delta rule, per (batch, value head), with a float32 state `S [key_dim, value_dim]`:
+
+    S_t = exp(g_t) S_{t-1};   S_t += k_t (beta_t (v_t - S_t^T k_t))^T;   o_t = S_t^T q_t
+
+Two forms that compute the same thing:
+- `chunked_gated_delta_rule`: the WY/UT chunked form for prefill and training. Within a chunk of C tokens the C
+  sequential rank-1 updates collapse into one unit-lower-triangular solve (done here by a matmul-only blocked
+  inverse), and a `lax.scan` carries the state across chunks.
+- `recurrent_gated_delta_rule` / `gated_delta_step`: one token at a time (the decode step).
+
+All inputs follow the reference's layout: q, k `[batch, seq, key_heads, key_dim]`, v `[batch, seq, value_heads,
+value_dim]`, g (log decay, <= 0) and beta `[batch, seq, value_heads]`. Value head j reads key head
+`j // (value_heads / key_heads)`. Everything inside runs in float32 at HIGHEST matmul precision; the output is cast
+back to v's dtype and the state stays float32. Positions where `mask` is 0 leave the state untouched.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_BASE_BLOCK = 16
+
+
+def _mm(spec: str, *xs: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, *xs, precision=_HIGHEST)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """`x / sqrt(sum(x^2) + eps)` over the last axis (the reference's and FLA's l2norm)."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def prepare_inputs(q, k, v, g, beta, mask, normalize_qk):
+    """float32, heads expanded to the value heads, q/k normalized and q scaled; masked positions made inert."""
+    repeats = v.shape[2] // k.shape[2]
+    q, k = (jnp.repeat(x.astype(jnp.float32), repeats, axis=2) for x in (q, k))
+    v, g, beta = (x.astype(jnp.float32) for x in (v, g, beta))
+    if normalize_qk:
+        q, k = l2_normalize(q), l2_normalize(k)
+    q = q * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        keep = mask.astype(bool)[:, :, None]
+        g = jnp.where(keep, g, 0.0)
+        beta = jnp.where(keep, beta, 0.0)
+        k = jnp.where(keep[..., None], k, 0.0)
+    return q, k, v, g, beta
+
+
+def unit_lower_triangular_inverse(a: jax.Array) -> jax.Array:
+    """`(I + a)^-1` for a strictly lower-triangular `a [..., n, n]`, by matmuls only.
+
+    Blocks of up to 16 rows are inverted by forward substitution; larger ones recursively by
+    `[[X, 0], [Y, Z]]^-1 = [[X^-1, 0], [-Z^-1 Y X^-1, Z^-1]]`. (jax.scipy's `solve_triangular` inside a scanned
+    jit was seen to hang on CPU.)
+    """
+    n = a.shape[-1]
+    if n <= _BASE_BLOCK:
+        eye = jnp.eye(n, dtype=a.dtype)
+        inv = jnp.broadcast_to(eye, a.shape)
+        for i in range(1, n):
+            # Row i of the inverse: e_i - sum_{j<i} a[i, j] inv[j]; rows >= i of inv do not contribute (a[i, j>=i] = 0).
+            row = eye[i] - _mm("...j,...jk->...k", a[..., i, :], inv)
+            inv = inv.at[..., i, :].set(row)
+        return inv
+    h = n // 2
+    x, y, z = a[..., :h, :h], a[..., h:, :h], a[..., h:, h:]
+    if n % 2 == 0:
+        both = unit_lower_triangular_inverse(jnp.stack([x, z]))
+        x_inv, z_inv = both[0], both[1]
+    else:
+        x_inv, z_inv = unit_lower_triangular_inverse(x), unit_lower_triangular_inverse(z)
+    off = -_mm("...ij,...jk,...kl->...il", z_inv, y, x_inv)
+    top = jnp.concatenate([x_inv, jnp.zeros((*a.shape[:-2], h, n - h), a.dtype)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([off, z_inv], axis=-1)], axis=-2)
+
+
+def chunked_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    chunk_size: int = 64,
+    initial_state: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    normalize_qk: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked (WY/UT) gated delta rule. Returns (o `[batch, seq, value_heads, value_dim]`, final state
+    `[batch, value_heads, key_dim, value_dim]` float32). `mask [batch, seq]`: 0 marks padding."""
+    out_dtype = v.dtype
+    batch, seq, heads, value_dim = v.shape
+    key_dim = k.shape[-1]
+    q, k, v, g, beta = prepare_inputs(q, k, v, g, beta, mask, normalize_qk)
+
+    # Pad to whole chunks: zero g, beta and k make the padded tail inert.
+    c = chunk_size
+    pad = (-seq) % c
+    n = (seq + pad) // c
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    g, beta = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g, beta))
+
+    # -> [chunks, batch, heads, c, dim] (chunks leading for the scan).
+    def chunked(x):
+        x = x.reshape(batch, n, c, heads, *x.shape[3:])
+        return jnp.moveaxis(x, (1, 3), (0, 2))
+
+    q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
+    cum = jnp.cumsum(g, axis=-1)  # [n, b, h, c]: log of the decay from the chunk start to each position
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+    diff = cum[..., :, None] - cum[..., None, :]
+    # Mask before the exp: above the diagonal diff is positive and could overflow.
+    decay = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)  # [n, b, h, c, c]
+
+    k_beta = k * beta[..., None]
+    strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
+    a = jnp.where(strict, _mm("...id,...jd->...ij", k_beta, k) * decay, 0.0)
+    t = unit_lower_triangular_inverse(a)
+    u = _mm("...ij,...jd->...id", t, v * beta[..., None])  # pseudo-values
+    w = _mm("...ij,...jd->...id", t, k_beta * jnp.exp(cum)[..., None])  # keys reading the entering state
+    attn = _mm("...id,...jd->...ij", q, k) * decay
+    q_decayed = q * jnp.exp(cum)[..., None]
+    k_decayed = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    chunk_decay = jnp.exp(cum[..., -1])[..., None, None]
+
+    state = (
+        jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
+
+    def step(state, xs):
+        u_c, w_c, attn_c, q_c, k_c, decay_c = xs
+        v_new = u_c - _mm("...ik,...kv->...iv", w_c, state)
+        o_c = _mm("...ik,...kv->...iv", q_c, state) + _mm("...ij,...jv->...iv", attn_c, v_new)
+        state = state * decay_c + _mm("...ik,...iv->...kv", k_c, v_new)
+        return state, o_c
+
+    state, o = jax.lax.scan(step, state, (u, w, attn, q_decayed, k_decayed, chunk_decay))
+    o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(batch, n * c, heads, value_dim)[:, :seq]
+    return o.astype(out_dtype), state
+
+
+def gated_delta_step(
+    q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, state: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One token, closed form, on prepared float32 inputs: q, k `[batch, heads, key_dim]`, v `[batch, heads,
+    value_dim]`, g, beta `[batch, heads]`, state `[batch, heads, key_dim, value_dim]`."""
+    state = state * jnp.exp(g)[..., None, None]
+    delta = (v - _mm("bhk,bhkv->bhv", k, state)) * beta[..., None]
+    state = state + k[..., :, None] * delta[..., None, :]
+    return _mm("bhk,bhkv->bhv", q, state), state
+
+
+def recurrent_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    normalize_qk: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Token-by-token gated delta rule (same arguments and results as `chunked_gated_delta_rule`)."""
+    out_dtype = v.dtype
+    batch, _, heads, value_dim = v.shape
+    q, k, v, g, beta = prepare_inputs(q, k, v, g, beta, mask, normalize_qk)
+    state = (
+        jnp.zeros((batch, heads, k.shape[-1], value_dim), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
+
+    def step(state, xs):
+        o, state = gated_delta_step(*xs, state)
+        return state, o
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
+    state, o = jax.lax.scan(step, state, xs)
+    return jnp.moveaxis(o, 0, 1).astype(out_dtype), state

@@ -1,0 +1,106 @@
+"""The Gated DeltaNet token mixer (the `linear_attn` layers of Qwen3-Next / Qwen3.5).
+
+x -> in_proj_qkv -> causal depthwise conv + SiLU -> q, k, v; in_proj_z -> z (output gate); in_proj_b -> beta =
+sigmoid(b); in_proj_a -> g = -exp(A_log) * softplus(a + dt_bias) (float32); the gated delta rule; gated RMSNorm
+with silu(z); out_proj.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.config import TextConfig
+from qwen_jax.layers.delta_rule import chunked_gated_delta_rule, gated_delta_step, prepare_inputs
+from qwen_jax.layers.linear import INIT_STD, Linear
+from qwen_jax.layers.norms import GatedRMSNorm
+
+
+class DeltaNetState(NamedTuple):
+    """What a delta-net layer carries across calls: the last `K-1` conv inputs `[batch, K-1, conv_dim]` (model
+    dtype) and the recurrent state `[batch, value_heads, key_dim, value_dim]` (float32)."""
+
+    conv: jax.Array
+    recurrent: jax.Array
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time, no bias. x `[batch, seq, channels]`, kernel `[K, channels]`; `previous`
+    `[batch, K-1, channels]` are the inputs before x (zeros at a sequence start). Returns (out, last K-1 inputs)."""
+
+    channels: int
+    kernel_size: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, previous: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("conv_kernel", "conv_dim")),
+            (self.kernel_size, self.channels),
+            self.dtype,
+        ).astype(self.dtype)
+        k = self.kernel_size
+        if previous is None:
+            previous = jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype)
+        padded = jnp.concatenate([previous.astype(x.dtype), x], axis=1)
+        t = x.shape[1]
+        out = sum(padded[:, j : j + t] * kernel[j] for j in range(k))
+        return out, padded[:, t:]
+
+
+class GatedDeltaNet(nn.Module):
+    """x `[batch, seq, hidden]`; mask `[batch, seq]` (0 = padding, which never touches the conv or delta state)."""
+
+    config: TextConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, state: DeltaNetState | None = None
+    ) -> tuple[jax.Array, DeltaNetState]:
+        c = self.config
+        b, t, _ = x.shape
+        hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
+        dk, dv = c.linear_key_head_dim, c.linear_value_head_dim
+        if mask is not None:
+            x = x * mask[..., None].astype(x.dtype)
+
+        def proj(features, name):
+            return Linear(features, ("embed", "gdn_proj"), name=name, dtype=self.dtype)(x)
+
+        mixed = proj(c.conv_dim, "in_proj_qkv")
+        z = proj(c.value_dim, "in_proj_z").reshape(b, t, hv, dv)
+        beta_logit = proj(hv, "in_proj_b")
+        a = proj(hv, "in_proj_a")
+
+        conv = CausalConv1d(c.conv_dim, c.linear_conv_kernel_dim, self.dtype, name="conv1d")
+        mixed, conv_state = conv(mixed, None if state is None else state.conv)
+        mixed = jax.nn.silu(mixed)
+        q = mixed[..., : hk * dk].reshape(b, t, hk, dk)
+        k = mixed[..., hk * dk : 2 * hk * dk].reshape(b, t, hk, dk)
+        v = mixed[..., 2 * hk * dk :].reshape(b, t, hv, dv)
+
+        head_param = lambda name, init: self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(init, ("gdn_heads",)), (hv,), jnp.float32
+        )
+        a_log = head_param("A_log", lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 0.01, 16)))
+        dt_bias = head_param("dt_bias", nn.initializers.ones_init())
+        beta = jax.nn.sigmoid(beta_logit)
+        g = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(a.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+
+        initial = None if state is None else state.recurrent
+        if t == 1 and initial is not None:
+            pq, pk, pv, pg, pbeta = prepare_inputs(q, k, v, g, beta, mask, normalize_qk=True)
+            o, recurrent = gated_delta_step(pq[:, 0], pk[:, 0], pv[:, 0], pg[:, 0], pbeta[:, 0], initial)
+            o = o[:, None].astype(v.dtype)
+        else:
+            o, recurrent = chunked_gated_delta_rule(
+                q, k, v, g, beta, chunk_size=c.chunk_size, initial_state=initial, mask=mask
+            )
+        o = GatedRMSNorm(dv, c.rms_norm_eps, name="norm")(o, z)
+        out = Linear(c.hidden_size, ("gdn_proj", "embed"), name="out_proj", dtype=self.dtype)(o.reshape(b, t, -1))
+        return out, DeltaNetState(conv_state, recurrent)

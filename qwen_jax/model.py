@@ -1,0 +1,123 @@
+"""The hybrid decoder: embeddings, `layer_types` of Gated DeltaNet / gated attention layers each followed by a
+SwiGLU MLP or a sparse MoE block, the final zero-centred norm and the (tied or untied) LM head.
+
+`forward(params, config, input_ids, ...)` is the pure entry point; `TextModel` is the Flax module behind it. The
+parameter tree mirrors the reference's module names: `embed_tokens`, `layers_{i}/{input_layernorm, linear_attn |
+self_attn, post_attention_layernorm, mlp}`, `norm`, `lm_head`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.config import LINEAR_ATTENTION, TextConfig
+from qwen_jax.layers.attention import Attention, attention_bias
+from qwen_jax.layers.gated_deltanet import GatedDeltaNet
+from qwen_jax.layers.linear import INIT_STD, Linear
+from qwen_jax.layers.mlp import MLP
+from qwen_jax.layers.moe import SparseMoE
+from qwen_jax.layers.norms import RMSNorm
+from qwen_jax.layers.rope import rotary_tables
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: `x + mixer(norm(x))`, then `+ ffn(norm(.))`. x `[batch, seq, hidden]`."""
+
+    config: TextConfig
+    index: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, bias, mask):
+        c = self.config
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="input_layernorm")(x)
+        if c.layer_types[self.index] == LINEAR_ATTENTION:
+            with jax.named_scope("gated_deltanet"):
+                h, _ = GatedDeltaNet(c, self.dtype, name="linear_attn")(h, mask)
+        else:
+            with jax.named_scope("attention"):
+                h = Attention(c, self.dtype, name="self_attn")(h, cos, sin, bias)
+        x = x + h
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="post_attention_layernorm")(x)
+        with jax.named_scope("ffn"):
+            if c.moe_layers[self.index]:
+                h = SparseMoE(c, self.dtype, name="mlp")(h)
+            else:
+                h = MLP(c.hidden_size, c.intermediate_size, self.dtype, name="mlp")(h)
+        return x + h
+
+
+class TextModel(nn.Module):
+    """input_ids `[batch, seq]`, positions `[batch, seq]` or `[3, batch, seq]`, mask `[batch, seq]` (1 = token,
+    0 = padding) -> logits `[batch, seq, vocab]` float32."""
+
+    config: TextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        c = self.config
+        embed = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+            name="embed_tokens",
+        )
+        x = embed(input_ids)
+        cos, sin = rotary_tables(positions, c.rope, c.head_dim, self.dtype)
+        slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        valid = jnp.ones(input_ids.shape, bool) if mask is None else mask.astype(bool)
+        bias = attention_bias(slots, slots, valid)
+        for i in range(c.num_hidden_layers):
+            with jax.named_scope(f"layer_{i}"):
+                x = DecoderLayer(c, i, self.dtype, name=f"layers_{i}")(x, cos, sin, bias, mask)
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype)(x)
+        return logits.astype(jnp.float32)
+
+
+def default_positions(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+    """Text positions `[batch, seq]`: 0, 1, ... over the real tokens of each row (left padding gets 0)."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def compute_dtype(params: Any) -> jnp.dtype:
+    """The activation dtype of a parameter tree: that of its embedding table."""
+    return jnp.dtype(params["embed_tokens"]["embedding"].dtype)
+
+
+def forward(
+    params: Any,
+    config: TextConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> jax.Array:
+    """Logits `[batch, seq, vocab]` (float32) of a full causal forward. Computes in the embedding's dtype."""
+    if positions is None:
+        positions = default_positions(attention_mask, input_ids.shape)
+    model = TextModel(config, compute_dtype(params))
+    return model.apply({"params": params}, input_ids, positions, attention_mask)
+
+
+def init_params(config: TextConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Any:
+    """Random parameters (logical-axis metadata stripped), initialized like the reference."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = TextModel(config, dtype).init(rng, ids, ids)
+    return nn.meta.unbox(variables["params"])
+
+
+def param_shapes(config: TextConfig, dtype: Any = jnp.float32) -> Any:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))

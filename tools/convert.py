@@ -1,0 +1,37 @@
+"""Convert a Hugging Face Qwen3.5 / Qwen3-Next checkpoint to a qwen-jax model directory.
+
+    python tools/convert.py SRC DST [--dtype bfloat16|float32]
+
+By default every tensor keeps its source dtype; `A_log`, `dt_bias` and norm weights are always float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    parser.add_argument("dst", help="output model directory (must not exist)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="cast weights to this dtype (default: keep each tensor's source dtype)")
+    args = parser.parse_args(argv)
+
+    from qwen_jax.checkpoint.convert import convert
+    from qwen_jax.errors import InputError
+
+    try:
+        convert(args.src, args.dst, args.dtype, log=lambda msg: print(msg, file=sys.stderr))
+    except (InputError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
