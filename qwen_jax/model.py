@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen_jax.cache import Cache
 from qwen_jax.config import LINEAR_ATTENTION, TextConfig
 from qwen_jax.layers.attention import Attention, attention_bias
 from qwen_jax.layers.gated_deltanet import GatedDeltaNet
@@ -32,15 +33,17 @@ class DecoderLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, mask):
+    def __call__(self, x, cos, sin, bias, mask, state=None, offset=None):
+        """`state` is this layer's cache entry (None for a plain forward); returns (x, new state)."""
         c = self.config
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="input_layernorm")(x)
         if c.layer_types[self.index] == LINEAR_ATTENTION:
             with jax.named_scope("gated_deltanet"):
-                h, _ = GatedDeltaNet(c, self.dtype, name="linear_attn")(h, mask)
+                h, new_state = GatedDeltaNet(c, self.dtype, name="linear_attn")(h, mask, state)
+                new_state = None if state is None else new_state
         else:
             with jax.named_scope("attention"):
-                h = Attention(c, self.dtype, name="self_attn")(h, cos, sin, bias)
+                h, new_state = Attention(c, self.dtype, name="self_attn")(h, cos, sin, bias, state, offset)
         x = x + h
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="post_attention_layernorm")(x)
         with jax.named_scope("ffn"):
@@ -48,18 +51,30 @@ class DecoderLayer(nn.Module):
                 h = SparseMoE(c, self.dtype, name="mlp")(h)
             else:
                 h = MLP(c.hidden_size, c.intermediate_size, self.dtype, name="mlp")(h)
-        return x + h
+        return x + h, new_state
 
 
 class TextModel(nn.Module):
     """input_ids `[batch, seq]`, positions `[batch, seq]` or `[3, batch, seq]`, mask `[batch, seq]` (1 = token,
-    0 = padding) -> logits `[batch, seq, vocab]` float32."""
+    0 = padding) -> (logits float32, cache).
+
+    Without a cache: logits `[batch, seq, vocab]` of a causal forward over the input alone, and None. With a cache,
+    the input continues it from slot `cache.offset`; with `last_only` the logits are those of the last slot only,
+    `[batch, vocab]`.
+    """
 
     config: TextConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None = None,
+        cache: Cache | None = None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, Cache | None]:
         c = self.config
         embed = nn.Embed(
             c.vocab_size,
@@ -71,18 +86,33 @@ class TextModel(nn.Module):
         )
         x = embed(input_ids)
         cos, sin = rotary_tables(positions, c.rope, c.head_dim, self.dtype)
-        slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        valid = jnp.ones(input_ids.shape, bool) if mask is None else mask.astype(bool)
-        bias = attention_bias(slots, slots, valid)
+        batch, seq = input_ids.shape
+        valid = jnp.ones((batch, seq), bool) if mask is None else mask.astype(bool)
+        if cache is None:
+            slots = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+            bias = attention_bias(slots, slots, valid)
+            offset, states = None, (None,) * c.num_hidden_layers
+        else:
+            offset, states = cache.offset, cache.layers
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, offset))
+            query_slots = jnp.broadcast_to(offset + jnp.arange(seq), (batch, seq))
+            key_slots = jnp.broadcast_to(jnp.arange(key_valid.shape[1]), key_valid.shape)
+            bias = attention_bias(query_slots, key_slots, key_valid)
+        new_states = []
         for i in range(c.num_hidden_layers):
             with jax.named_scope(f"layer_{i}"):
-                x = DecoderLayer(c, i, self.dtype, name=f"layers_{i}")(x, cos, sin, bias, mask)
+                layer = DecoderLayer(c, i, self.dtype, name=f"layers_{i}")
+                x, state = layer(x, cos, sin, bias, mask, states[i], offset)
+                new_states.append(state)
+        if last_only:
+            x = x[:, -1]
         x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="norm")(x)
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype)(x)
-        return logits.astype(jnp.float32)
+        new_cache = None if cache is None else Cache(tuple(new_states), offset + seq, key_valid)
+        return logits.astype(jnp.float32), new_cache
 
 
 def default_positions(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
@@ -108,7 +138,22 @@ def forward(
     if positions is None:
         positions = default_positions(attention_mask, input_ids.shape)
     model = TextModel(config, compute_dtype(params))
-    return model.apply({"params": params}, input_ids, positions, attention_mask)
+    return model.apply({"params": params}, input_ids, positions, attention_mask)[0]
+
+
+def forward_with_cache(
+    params: Any,
+    config: TextConfig,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    cache: Cache,
+    attention_mask: jax.Array | None = None,
+    last_only: bool = False,
+) -> tuple[jax.Array, Cache]:
+    """Continue `cache` with `input_ids [batch, seq]` at `positions`; returns (logits, updated cache). Logits are
+    `[batch, seq, vocab]`, or `[batch, vocab]` for the last slot with `last_only`."""
+    model = TextModel(config, compute_dtype(params))
+    return model.apply({"params": params}, input_ids, positions, attention_mask, cache, last_only)
 
 
 def init_params(config: TextConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Any:

@@ -76,7 +76,7 @@ def test_attention_layer(built_models, name):
                     attention_mask=torch.from_numpy(bias.copy()))  # fmt: skip
     config = text_config(built)
     our_cos, our_sin = rotary_tables(jnp.asarray(positions), config.rope, config.head_dim, jnp.float32)
-    ours = Attention(config, jnp.float32).apply(
+    ours, _ = Attention(config, jnp.float32).apply(
         {"params": layer_params(built, 3, "self_attn")}, x, our_cos, our_sin, jnp.asarray(bias)
     )
     valid = mask.astype(bool)

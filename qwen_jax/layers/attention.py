@@ -44,13 +44,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
 
 
 class Attention(nn.Module):
-    """x `[batch, seq, hidden]`, cos/sin `[batch, seq, rotary_dim]`, bias `[batch, 1, seq, seq]` -> same as x."""
+    """x `[batch, seq, hidden]`, cos/sin `[batch, seq, rotary_dim]` -> (same as x, updated cache).
+
+    Without a cache, bias is `[batch, 1, seq, seq]` over x itself. With `cache` (keys/values `[batch, max_len,
+    kv_heads, head_dim]`), x's keys and values are written at slots `offset ...` and the queries attend over the whole
+    buffer with bias `[batch, 1, seq, max_len]`.
+    """
 
     config: TextConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        bias: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        offset: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         b, t, _ = x.shape
         heads, kv_heads, dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -65,6 +78,11 @@ class Attention(nn.Module):
         q = RMSNorm(dim, c.rms_norm_eps, axis_name="head_dim", name="q_norm")(q)
         k = RMSNorm(dim, c.rms_norm_eps, axis_name="head_dim", name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start = (0, offset, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+            cache = type(cache)(k, v)
         out = dot_product_attention(q, k, v, bias)
         out = out.reshape(b, t, heads * dim) * jax.nn.sigmoid(gate.reshape(b, t, heads * dim))
-        return proj(c.hidden_size, ("q_heads", "embed"), "o_proj")(out)
+        return proj(c.hidden_size, ("q_heads", "embed"), "o_proj")(out), cache
