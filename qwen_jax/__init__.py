@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load", "Model", "forward"]
+__all__ = ["load", "Model", "forward", "generate", "stream"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from qwen_jax import api
 
         return getattr(api, name)
+    if name in ("generate", "stream"):
+        from qwen_jax import generation
+
+        return getattr(generation, name)
     if name == "forward":
         from qwen_jax.model import forward
 

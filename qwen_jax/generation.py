@@ -1,0 +1,244 @@
+"""Text generation: a chunked prefill, then every decode step inside one jitted `lax.while_loop`.
+
+Prompts are left-aligned and padded on the left to a length bucket, so all rows write the same cache slot at each
+step and a new prompt length rarely recompiles. Padding never reaches the conv or delta-net state, nor attention.
+`stream` yields tokens one step at a time from a jitted step that donates the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax.cache import Cache, init_cache
+from qwen_jax.config import TextConfig
+from qwen_jax.errors import InputError
+from qwen_jax.model import compute_dtype, forward_with_cache
+from qwen_jax.sampling import SamplingConfig, apply_penalties, sample
+
+PREFILL_CHUNK = 256
+MIN_BUCKET = 32
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    sampling: SamplingConfig
+    max_new_tokens: int
+    stop_tokens: tuple[int, ...]
+    pad_token_id: int
+    seed: int
+
+
+def bucket_length(length: int, chunk: int = PREFILL_CHUNK) -> int:
+    """Padded prompt length: a power of two (at least 32) up to `chunk`, then a multiple of `chunk`."""
+    if length <= chunk:
+        return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+    return -(-length // chunk) * chunk
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, ...]:
+    """Move each row's real tokens to the right end of `length` slots. -> (ids, mask) `[batch, length]`."""
+    batch = input_ids.shape[0]
+    ids = np.full((batch, length), pad, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        tokens = input_ids[row][attention_mask[row].astype(bool)]
+        if len(tokens):
+            ids[row, length - len(tokens) :] = tokens
+            mask[row, length - len(tokens) :] = 1
+    return ids, mask
+
+
+def _prefill(params: Any, config: TextConfig, ids: jax.Array, mask: jax.Array, max_len: int, piece: int):
+    """Run the prompt through in pieces of `piece` slots (a `lax.scan`, so memory is that of one piece).
+    Returns (last-slot logits `[batch, vocab]`, cache, next positions `[batch]`)."""
+    batch, length = ids.shape
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    cache = init_cache(config, batch, max_len, compute_dtype(params))
+    pieces = [x.reshape(batch, length // piece, piece).swapaxes(0, 1) for x in (ids, positions, mask)]
+
+    def step(cache, xs):
+        ids_p, pos_p, mask_p = xs
+        logits, cache = forward_with_cache(params, config, ids_p, pos_p, cache, mask_p, last_only=True)
+        return cache, logits
+
+    cache, logits = jax.lax.scan(step, cache, tuple(pieces))
+    return logits[-1], cache, positions[:, -1] + 1
+
+
+def _decode(params: Any, config: TextConfig, cache: Cache, tokens: jax.Array, positions: jax.Array):
+    """One token per row: tokens, positions `[batch]` -> (logits `[batch, vocab]`, cache)."""
+    mask = jnp.ones_like(tokens)[:, None]
+    return forward_with_cache(params, config, tokens[:, None], positions[:, None], cache, mask, last_only=True)
+
+
+def _choose(logits, seen, generated, done, rng, step, settings: GenerationSettings, stop_tokens):
+    """Pick the next tokens and update the bookkeeping; stopped rows emit padding."""
+    processed = apply_penalties(logits, seen, generated, settings.sampling)
+    token = sample(processed, jax.random.fold_in(rng, step), settings.sampling)
+    token = jnp.where(done, settings.pad_token_id, token)
+    rows = jnp.arange(token.shape[0])
+    live = ~done
+    seen = seen.at[rows, token].max(live)
+    generated = generated.at[rows, token].max(live)
+    done = done | jnp.isin(token, stop_tokens)
+    return token, seen, generated, done
+
+
+def _prompt_seen(ids: jax.Array, mask: jax.Array, vocab: int) -> jax.Array:
+    rows = jnp.arange(ids.shape[0])[:, None]
+    return jnp.zeros((ids.shape[0], vocab), bool).at[rows, ids].max(mask.astype(bool))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "settings", "piece"))
+def _generate(params, config: TextConfig, ids, mask, settings: GenerationSettings, piece: int):
+    batch, length = ids.shape
+    n = settings.max_new_tokens
+    stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
+    rng = jax.random.key(settings.seed)
+    logits, cache, positions = _prefill(params, config, ids, mask, length + n, piece)
+    seen = _prompt_seen(ids, mask, config.vocab_size)
+    generated = jnp.zeros_like(seen)
+    done = jnp.zeros((batch,), bool)
+    token, seen, generated, done = _choose(logits, seen, generated, done, rng, 0, settings, stop_tokens)
+    out = jnp.full((batch, n), settings.pad_token_id, jnp.int32).at[:, 0].set(token)
+
+    def cond(state):
+        step, *_, done = state
+        return (step < n) & ~jnp.all(done)
+
+    def body(state):
+        step, out, token, positions, cache, seen, generated, done = state
+        logits, cache = _decode(params, config, cache, token, positions)
+        token, seen, generated, done = _choose(logits, seen, generated, done, rng, step, settings, stop_tokens)
+        out = out.at[:, step].set(token)
+        return step + 1, out, token, positions + 1, cache, seen, generated, done
+
+    state = (jnp.int32(1), out, token, positions, cache, seen, generated, done)
+    return jax.lax.while_loop(cond, body, state)[1]
+
+
+def read_generation_config(model: Any) -> dict:
+    path = getattr(model, "path", None)
+    file = None if path is None else path / "generation_config.json"
+    if file is None or not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}: not valid JSON ({e})") from None
+
+
+def resolve_settings(
+    model: Any,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+) -> GenerationSettings:
+    """Unset arguments come from the checkpoint's `generation_config.json`, then from greedy decoding."""
+    gen = read_generation_config(model)
+
+    def pick(value, key, default):
+        return value if value is not None else (gen.get(key) if gen.get(key) is not None else default)
+
+    if temperature is None:
+        temperature = float(gen.get("temperature") or 1.0) if gen.get("do_sample") else 0.0
+    eos = pick(eos_token_id, "eos_token_id", ())
+    stop = tuple(int(t) for t in ([eos] if isinstance(eos, int) else eos))
+    pad = pick(pad_token_id, "pad_token_id", stop[0] if stop else 0)
+    try:
+        sampling = SamplingConfig(
+            temperature=float(temperature),
+            top_k=int(pick(top_k, "top_k", 0)),
+            top_p=float(pick(top_p, "top_p", 1.0)),
+            min_p=float(pick(min_p, "min_p", 0.0)),
+            repetition_penalty=float(pick(repetition_penalty, "repetition_penalty", 1.0)),
+            presence_penalty=float(pick(presence_penalty, "presence_penalty", 0.0)),
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    n = int(pick(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    if n < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {n}")
+    return GenerationSettings(sampling, n, stop, int(pad), int(seed))
+
+
+def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: GenerationSettings):
+    ids = np.asarray(input_ids, np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+    longest = int(mask.sum(-1).max())
+    if longest == 0:
+        raise InputError("empty prompt")
+    context = model.config.text.max_position_embeddings
+    if longest + settings.max_new_tokens > context:
+        raise InputError(
+            f"prompt of {longest} tokens + {settings.max_new_tokens} new tokens exceeds the model's context of {context}"
+        )
+    length = bucket_length(longest)
+    ids, mask = left_align(ids, mask, length, settings.pad_token_id)
+    return jnp.asarray(ids), jnp.asarray(mask), min(length, PREFILL_CHUNK)
+
+
+def generate(model: Any, input_ids: Any, attention_mask: Any | None = None, **kwargs: Any) -> np.ndarray:
+    """Generate `[batch, max_new_tokens]` tokens after each prompt (positions after a row stops hold the pad id).
+
+    input_ids `[batch, seq]` (or `[seq]`); attention_mask marks real tokens (any padding side). Keyword arguments:
+    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, eos_token_id (int or
+    list), pad_token_id, seed (see `resolve_settings`).
+    """
+    settings = resolve_settings(model, **kwargs)
+    ids, mask, piece = _prepare_prompt(model, input_ids, attention_mask, settings)
+    return np.asarray(_generate(model.params, model.config.text, ids, mask, settings, piece))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "piece"))
+def _jit_prefill(params, config, ids, mask, max_len, piece):
+    return _prefill(params, config, ids, mask, max_len, piece)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("cache",))
+def _jit_step(params, config, cache, token, positions, seen, generated, done, rng, step, settings):
+    stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
+    logits, cache = _decode(params, config, cache, token, positions)
+    token, seen, generated, done = _choose(logits, seen, generated, done, rng, step, settings, stop_tokens)
+    return token, cache, seen, generated, done
+
+
+def stream(model: Any, input_ids: Any, attention_mask: Any | None = None, **kwargs: Any) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields the `[batch]` tokens of each step as they are produced; stops when every row
+    has stopped or after max_new_tokens steps."""
+    settings = resolve_settings(model, **kwargs)
+    ids, mask, piece = _prepare_prompt(model, input_ids, attention_mask, settings)
+    config, params = model.config.text, model.params
+    logits, cache, positions = _jit_prefill(params, config, ids, mask, ids.shape[1] + settings.max_new_tokens, piece)
+    rng = jax.random.key(settings.seed)
+    stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
+    seen = _prompt_seen(ids, mask, config.vocab_size)
+    done = jnp.zeros((ids.shape[0],), bool)
+    token, seen, generated, done = _choose(logits, seen, jnp.zeros_like(seen), done, rng, 0, settings, stop_tokens)
+    yield np.asarray(token)
+    for step in range(1, settings.max_new_tokens):
+        if bool(jnp.all(done)):
+            return
+        token, cache, seen, generated, done = _jit_step(
+            params, config, cache, token, positions, seen, generated, done, rng, step, settings
+        )
+        positions = positions + 1
+        yield np.asarray(token)
