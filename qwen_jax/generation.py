@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -209,36 +210,67 @@ def generate(model: Any, input_ids: Any, attention_mask: Any | None = None, **kw
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "piece"))
-def _jit_prefill(params, config, ids, mask, max_len, piece):
+def _jit_prefill(params, ids, mask, config, max_len, piece):
     return _prefill(params, config, ids, mask, max_len, piece)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("cache",))
-def _jit_step(params, config, cache, token, positions, seen, generated, done, rng, step, settings):
+def _jit_step(params, cache, token, positions, seen, generated, done, rng, step, config, settings):
     stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
     logits, cache = _decode(params, config, cache, token, positions)
     token, seen, generated, done = _choose(logits, seen, generated, done, rng, step, settings, stop_tokens)
     return token, cache, seen, generated, done
 
 
-def stream(model: Any, input_ids: Any, attention_mask: Any | None = None, **kwargs: Any) -> Iterator[np.ndarray]:
+_COMPILED: dict = {}
+
+
+def _compiled(fn: Any, args: tuple, static: dict, timings: dict) -> Any:
+    """Ahead-of-time compile `fn` for these argument shapes (cached), adding the compile time to timings."""
+    key = (fn, tuple(static.items()), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        _COMPILED[key] = fn.lower(*args, **static).compile()
+        timings["compile_s"] = timings.get("compile_s", 0.0) + time.perf_counter() - start
+    return _COMPILED[key]
+
+
+def stream(
+    model: Any, input_ids: Any, attention_mask: Any | None = None, timings: dict | None = None, **kwargs: Any
+) -> Iterator[np.ndarray]:
     """Like `generate`, but yields the `[batch]` tokens of each step as they are produced; stops when every row
-    has stopped or after max_new_tokens steps."""
+    has stopped or after max_new_tokens steps. If given, `timings` receives compile_s, prefill_s,
+    prefill_tokens_per_s, decode_s and decode_tokens_per_s (per row)."""
+    timings = {} if timings is None else timings
     settings = resolve_settings(model, **kwargs)
     ids, mask, piece = _prepare_prompt(model, input_ids, attention_mask, settings)
     config, params = model.config.text, model.params
-    logits, cache, positions = _jit_prefill(params, config, ids, mask, ids.shape[1] + settings.max_new_tokens, piece)
+    max_len = ids.shape[1] + settings.max_new_tokens
+    prefill = _compiled(_jit_prefill, (params, ids, mask), dict(config=config, max_len=max_len, piece=piece), timings)
+    start = time.perf_counter()
+    logits, cache, positions = prefill(params, ids, mask)
     rng = jax.random.key(settings.seed)
     stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
     seen = _prompt_seen(ids, mask, config.vocab_size)
     done = jnp.zeros((ids.shape[0],), bool)
     token, seen, generated, done = _choose(logits, seen, jnp.zeros_like(seen), done, rng, 0, settings, stop_tokens)
-    yield np.asarray(token)
+    token = np.asarray(token)
+    timings["prefill_s"] = time.perf_counter() - start
+    timings["prefill_tokens_per_s"] = int(np.asarray(mask).sum()) / timings["prefill_s"]
+    yield token
+    state = (cache, jnp.asarray(token), positions, seen, generated, done)
+    step_args = (params, *state, rng, jnp.int32(1))
+    decode = _compiled(_jit_step, step_args, dict(config=config, settings=settings), timings)
+    start, steps = time.perf_counter(), 0
     for step in range(1, settings.max_new_tokens):
+        cache, token, positions, seen, generated, done = state
         if bool(jnp.all(done)):
-            return
-        token, cache, seen, generated, done = _jit_step(
-            params, config, cache, token, positions, seen, generated, done, rng, step, settings
+            break
+        token, cache, seen, generated, done = decode(
+            params, cache, token, positions, seen, generated, done, rng, jnp.int32(step)
         )
-        positions = positions + 1
+        state = (cache, token, positions + 1, seen, generated, done)
+        steps += 1
         yield np.asarray(token)
+    timings["decode_s"] = time.perf_counter() - start
+    timings["decode_tokens_per_s"] = steps / timings["decode_s"] if steps else 0.0

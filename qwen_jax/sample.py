@@ -1,0 +1,193 @@
+"""Generate text from a converted checkpoint.
+
+    python -m qwen_jax.sample --ckpt DIR --prompt "Why is the sky blue?"
+    python -m qwen_jax.sample --ckpt DIR --interactive          # multi-turn chat on stdin, ends at end of input
+
+Streams the reply as it is produced, thinking apart from the answer; `--json` prints tokens, thinking, answer and
+timings instead. Arguments, the checkpoint directory and the prompt are validated before jax is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from qwen_jax.chat import THINK_CLOSE, THINK_OPEN, ChatTokenizer, split_thinking
+from qwen_jax.errors import InputError
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{value} is outside {bounds}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qwen_jax.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=Path, help="converted model directory (default: the embedded demo model)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    source.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")
+    p.add_argument("--max-new-tokens", type=_bounded(int, 1), default=None)
+    p.add_argument("--temperature", type=_bounded(float, 0.0), default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=_bounded(int, 0), default=None)
+    p.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True), default=None)
+    p.add_argument("--min-p", type=_bounded(float, 0.0, 1.0), default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=_bounded(float, 0.0, low_open=True), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="enable or disable the model's thinking (default: the template's default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per reply instead of streaming text")
+    return p
+
+
+def _check_checkpoint(path: Path | None) -> Path:
+    if path is None:
+        raise InputError("no embedded demo model yet (it arrives with the training work); pass --ckpt DIR")
+    if not path.is_dir():
+        raise InputError(f"--ckpt {path}: no such directory")
+    from qwen_jax.checkpoint.format import read_metadata
+
+    read_metadata(path)
+    return path
+
+
+class Session:
+    """A loaded model, its tokenizer, and the conversation so far."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer: ChatTokenizer, context: int):
+        self.args, self.tokenizer, self.context = args, tokenizer, context
+        self.messages: list[dict] = []
+        self.model: Any = None
+
+    def prompt_ids(self, text: str) -> tuple[list[int], bool]:
+        """Token ids of the next prompt, and whether the rendered prompt leaves a `<think>` block open."""
+        if not text.strip():
+            raise InputError("empty prompt")
+        if self.args.no_chat:
+            rendered = text
+        else:
+            rendered = self.tokenizer.render(
+                [*self.messages, {"role": "user", "content": text}], enable_thinking=self.args.thinking
+            )
+        ids = self.tokenizer.encode(rendered)
+        if len(ids) >= self.context:
+            raise InputError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.context}")
+        opened = rendered.rstrip().endswith(THINK_OPEN) and THINK_CLOSE not in rendered[rendered.rfind(THINK_OPEN):]
+        return ids, opened
+
+    def reply(self, text: str, write: Callable[[str], None]) -> dict:
+        ids, opened = self.prompt_ids(text)
+        if self.model is None:
+            import qwen_jax
+
+            self.model = qwen_jax.load(self.args.ckpt)
+        from qwen_jax.generation import stream
+
+        a = self.args
+        max_new = a.max_new_tokens
+        if max_new is None:
+            max_new = min(1024, self.context - len(ids))
+        stop = [t for t in (self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")) if t is not None]
+        kwargs = dict(max_new_tokens=min(max_new, self.context - len(ids)), temperature=a.temperature, top_k=a.top_k,
+                      top_p=a.top_p, min_p=a.min_p, presence_penalty=a.presence_penalty,
+                      repetition_penalty=a.repetition_penalty, seed=a.seed)  # fmt: skip
+        if stop and not a.no_chat:
+            kwargs["eos_token_id"] = stop
+        timings: dict = {}
+        tokens: list[int] = []
+        shown = 0
+        in_thinking = opened
+        if in_thinking and not a.json:
+            write("[thinking]\n")
+        for token in stream(self.model, [ids], timings=timings, **kwargs):
+            token = int(token[0])
+            if token in kwargs.get("eos_token_id", ()):
+                break
+            tokens.append(token)
+            text_so_far = self.tokenizer.decode(tokens)
+            if a.json or text_so_far.endswith("\ufffd"):  # wait for a whole character
+                continue
+            new = text_so_far[shown:]
+            shown = len(text_so_far)
+            if in_thinking and THINK_CLOSE in text_so_far:
+                in_thinking = False
+                before, _, after = new.partition(THINK_CLOSE)
+                write(f"{before}\n[answer]\n{after.lstrip()}")
+            else:
+                write(new)
+        text_out = self.tokenizer.decode(tokens)
+        thinking, answer = split_thinking(text_out, opened)
+        if not a.json:
+            write("\n")
+        self.messages += [{"role": "user", "content": text},
+                          {"role": "assistant", "content": answer, "reasoning_content": thinking or None}]  # fmt: skip
+        return {"tokens": tokens, "text": text_out, "thinking": thinking, "answer": answer, "timings": timings}
+
+
+def run(args: argparse.Namespace) -> int:
+    ckpt = _check_checkpoint(args.ckpt)
+    args.ckpt = ckpt
+    from qwen_jax.config import load_config
+
+    context = load_config(ckpt).text.max_position_embeddings
+    tokenizer = ChatTokenizer(ckpt)
+    session = Session(args, tokenizer, context)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.interactive:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            if not args.json:
+                write("> ")
+            result = session.reply(line.rstrip("\n"), write)
+            if args.json:
+                print(json.dumps(result))
+        return 0
+    text = args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file)
+    session.prompt_ids(text)  # validate before loading the model
+    result = session.reply(text, write)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _read_prompt_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise InputError(f"--prompt-file {path}: {e.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
