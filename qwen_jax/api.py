@@ -27,9 +27,7 @@ class Model:
         self.params = params
         self.path = path
 
-    def __call__(
-        self, input_ids: Any, attention_mask: Any | None = None, positions: Any | None = None
-    ) -> jax.Array:
+    def __call__(self, input_ids: Any, attention_mask: Any | None = None, positions: Any | None = None) -> jax.Array:
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask, jnp.int32)

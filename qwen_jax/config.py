@@ -6,13 +6,13 @@ the same value, per model type, and everything it would reject (or silently misr
 
 from __future__ import annotations
 
-from qwen_jax.errors import InputError
-
 import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from qwen_jax.errors import InputError
 
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"

@@ -190,7 +190,7 @@ def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: G
     context = model.config.text.max_position_embeddings
     if longest + settings.max_new_tokens > context:
         raise InputError(
-            f"prompt of {longest} tokens + {settings.max_new_tokens} new tokens exceeds the model's context of {context}"
+            f"prompt of {longest} tokens + {settings.max_new_tokens} new tokens exceeds the context of {context}"
         )
     length = bucket_length(longest)
     ids, mask = left_align(ids, mask, length, settings.pad_token_id)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,8 +33,14 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None, lo
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qwen_jax.sample", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m qwen_jax.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=Path, help="converted model directory (default: the embedded demo model)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
@@ -50,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=_bounded(float, 0.0, low_open=True), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as is, without the chat template")
-    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
-                   help="enable or disable the model's thinking (default: the template's default)")
+    p.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="enable or disable the model's thinking (default: the template's default)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per reply instead of streaming text")
     return p
 
@@ -88,7 +97,7 @@ class Session:
         ids = self.tokenizer.encode(rendered)
         if len(ids) >= self.context:
             raise InputError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.context}")
-        opened = rendered.rstrip().endswith(THINK_OPEN) and THINK_CLOSE not in rendered[rendered.rfind(THINK_OPEN):]
+        opened = rendered.rstrip().endswith(THINK_OPEN) and THINK_CLOSE not in rendered[rendered.rfind(THINK_OPEN) :]
         return ids, opened
 
     def reply(self, text: str, write: Callable[[str], None]) -> dict:
@@ -103,7 +112,11 @@ class Session:
         max_new = a.max_new_tokens
         if max_new is None:
             max_new = min(1024, self.context - len(ids))
-        stop = [t for t in (self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")) if t is not None]
+        stop = [
+            t
+            for t in (self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>"))
+            if t is not None
+        ]
         kwargs = dict(max_new_tokens=min(max_new, self.context - len(ids)), temperature=a.temperature, top_k=a.top_k,
                       top_p=a.top_p, min_p=a.min_p, presence_penalty=a.presence_penalty,
                       repetition_penalty=a.repetition_penalty, seed=a.seed)  # fmt: skip

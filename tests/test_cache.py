@@ -8,11 +8,11 @@ import functools
 import jax
 import numpy as np
 import pytest
-
 from conftest import prompt_batch, text_positions
+from test_model_parity import RELATIVE_TOLERANCE
+
 from qwen_jax.cache import init_cache
 from qwen_jax.model import compute_dtype, forward, forward_with_cache
-from test_model_parity import RELATIVE_TOLERANCE
 
 FAMILIES = ["qwen3_5_moe_per_expert", "qwen3_next", "qwen3_5_dense"]
 

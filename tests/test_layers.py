@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import text_positions
+
 from qwen_jax.layers.attention import Attention, attention_bias
 from qwen_jax.layers.gated_deltanet import GatedDeltaNet
 from qwen_jax.layers.moe import SparseMoE
@@ -102,7 +102,9 @@ def test_norms(built_models):
 
     heads = np.random.default_rng(5).standard_normal((2, 10, 4, 8)).astype(np.float32)
     gate = np.random.default_rng(6).standard_normal((2, 10, 4, 8)).astype(np.float32)
-    ref = torch_out(layer.linear_attn.norm, torch.from_numpy(heads.reshape(-1, 8)), torch.from_numpy(gate.reshape(-1, 8)))
+    ref = torch_out(
+        layer.linear_attn.norm, torch.from_numpy(heads.reshape(-1, 8)), torch.from_numpy(gate.reshape(-1, 8))
+    )
     ours = GatedRMSNorm(8).apply({"params": layer_params(built, 0, "linear_attn")["norm"]}, heads, gate)
     np.testing.assert_allclose(np.asarray(ours).reshape(-1, 8), ref, atol=ATOL, rtol=0)
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import SPECS, prompt_batch, reference_logits
 
 import qwen_jax
-from conftest import SPECS, prompt_batch, reference_logits
 
 # float32 parity: both sides compute the same math in float32 with different summation orders; observed differences
 # are ~1e-6 relative, so 1e-4 of the largest logit leaves room for rounding but not for a real bug.

@@ -18,8 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
     parser.add_argument("dst", help="output model directory (must not exist)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                        help="cast weights to this dtype (default: keep each tensor's source dtype)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="cast weights to this dtype (default: keep each tensor's source dtype)",
+    )
     args = parser.parse_args(argv)
 
     from qwen_jax.checkpoint.convert import convert

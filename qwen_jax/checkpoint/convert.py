@@ -7,8 +7,6 @@ whole or not at all.
 
 from __future__ import annotations
 
-from qwen_jax.errors import InputError
-
 import json
 import os
 import shutil
@@ -19,11 +17,18 @@ from typing import Callable
 import numpy as np
 
 from qwen_jax.checkpoint.format import (
-    FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, MTP_DIR, PARAMS_DIR, save_tree, set_path,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    MTP_DIR,
+    PARAMS_DIR,
+    save_tree,
+    set_path,
 )  # fmt: skip
 from qwen_jax.checkpoint.hf_mapping import apply_rule, keeps_float32, plan
 from qwen_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from qwen_jax.config import load_config
+from qwen_jax.errors import InputError
 
 DTYPES = {"bfloat16": "bfloat16", "float32": "float32"}
 
@@ -119,7 +124,9 @@ def _check_against_model(params: dict, expected: dict, prefix: str = "") -> None
     """The converted tree must have exactly the model's parameter paths and shapes."""
     if set(params) != set(expected):
         extra, missing = sorted(set(params) - set(expected)), sorted(set(expected) - set(params))
-        raise ConversionError(f"converted tree differs from the model at {prefix or '/'}: extra {extra}, missing {missing}")
+        raise ConversionError(
+            f"converted tree differs from the model at {prefix or '/'}: extra {extra}, missing {missing}"
+        )
     for k, v in expected.items():
         if isinstance(v, dict):
             _check_against_model(params[k], v, f"{prefix}{k}/")

@@ -12,14 +12,11 @@ A model directory holds:
 
 from __future__ import annotations
 
-from qwen_jax.errors import InputError
-
 import json
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
+from qwen_jax.errors import InputError
 
 FORMAT_NAME = "qwen-jax"
 FORMAT_VERSION = 1
@@ -59,7 +56,9 @@ def read_metadata(path: str | Path) -> dict:
     if not path.is_dir():
         raise FormatError(f"{path}: no such directory")
     if not file.exists():
-        raise FormatError(f"{path}: not a qwen-jax model directory (no {METADATA_FILE}); convert it with tools/convert.py")
+        raise FormatError(
+            f"{path}: not a qwen-jax model directory (no {METADATA_FILE}); convert it with tools/convert.py"
+        )
     try:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -74,11 +73,13 @@ def read_metadata(path: str | Path) -> dict:
 
 def cast_tree(tree: dict, dtype: Any) -> dict:
     """Cast floating leaves to `dtype`, except the ones kept in float32 (`keeps_float32`)."""
+    import jax.numpy as jnp
+
     from qwen_jax.checkpoint.hf_mapping import keeps_float32
 
     def cast(path: str, x: Any) -> Any:
         if keeps_float32(path):
-            return x.astype(np.float32)
+            return x.astype(jnp.float32)
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     def walk(node: dict, prefix: str) -> dict:

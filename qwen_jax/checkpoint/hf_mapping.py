@@ -11,14 +11,13 @@ The ops are plain numpy so that an exporter can invert them from the same rules.
 
 from __future__ import annotations
 
-from qwen_jax.errors import InputError
-
 import dataclasses
 from typing import Callable
 
 import numpy as np
 
 from qwen_jax.config import LINEAR_ATTENTION, ModelConfig, TextConfig
+from qwen_jax.errors import InputError
 
 Shape = tuple[int, ...]
 
@@ -103,13 +102,26 @@ def _layer_rules(c: TextConfig, i: int, p: str, keys: set[str]) -> list[Rule]:
     norm("input_layernorm", h)
     norm("post_attention_layernorm", h)
     if c.layer_types[i] == LINEAR_ATTENTION:
-        hk, hv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+        hk, hv, dk, dv = (
+            c.linear_num_key_heads,
+            c.linear_num_value_heads,
+            c.linear_key_head_dim,
+            c.linear_value_head_dim,
+        )
         la = "linear_attn"
         if f"{p}{la}.in_proj_qkvz.weight" in keys:
-            add("split_qkvz", [f"{p}{la}.in_proj_qkvz.weight"], [(2 * hk * dk + 2 * hv * dv, h)],
-                [f"{la}/in_proj_qkv/kernel", f"{la}/in_proj_z/kernel"])
-            add("split_ba", [f"{p}{la}.in_proj_ba.weight"], [(2 * hv, h)],
-                [f"{la}/in_proj_b/kernel", f"{la}/in_proj_a/kernel"])
+            add(
+                "split_qkvz",
+                [f"{p}{la}.in_proj_qkvz.weight"],
+                [(2 * hk * dk + 2 * hv * dv, h)],
+                [f"{la}/in_proj_qkv/kernel", f"{la}/in_proj_z/kernel"],
+            )
+            add(
+                "split_ba",
+                [f"{p}{la}.in_proj_ba.weight"],
+                [(2 * hv, h)],
+                [f"{la}/in_proj_b/kernel", f"{la}/in_proj_a/kernel"],
+            )
         else:
             linear(f"{la}.in_proj_qkv", f"{la}/in_proj_qkv", c.conv_dim, h)
             linear(f"{la}.in_proj_z", f"{la}/in_proj_z", c.value_dim, h)

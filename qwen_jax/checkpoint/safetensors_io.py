@@ -7,14 +7,14 @@ is read.
 
 from __future__ import annotations
 
-from qwen_jax.errors import InputError
-
 import json
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from qwen_jax.errors import InputError
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,

@@ -26,8 +26,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
-                       (self.dim,), jnp.float32)
+        w = self.param(
+            "weight",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
+            (self.dim,),
+            jnp.float32,
+        )
         return (rms_normalize(x, self.eps) * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
 
 
@@ -39,7 +43,8 @@ class GatedRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (self.dim,), jnp.float32)
+        w = self.param(
+            "weight", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (self.dim,), jnp.float32
+        )
         out = w * rms_normalize(x, self.eps).astype(x.dtype)
         return (out * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)

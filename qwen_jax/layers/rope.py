@@ -54,7 +54,9 @@ def mrope_axis_of_slot(section: tuple[int, ...] | None, num_slots: int) -> np.nd
     return axis
 
 
-def rotary_tables(positions: jax.Array, rope: RopeConfig, head_dim: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def rotary_tables(
+    positions: jax.Array, rope: RopeConfig, head_dim: int, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
     """cos and sin tables `[batch, seq, rotary_dim]` in `dtype`.
 
     positions: `[batch, seq]` (text) or `[3, batch, seq]` (temporal, height, width rows).
@@ -71,7 +73,7 @@ def rotary_tables(positions: jax.Array, rope: RopeConfig, head_dim: int, dtype: 
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate the first `rotary_dim` features of x `[batch, seq, heads, head_dim]`; cos/sin `[batch, seq, rotary_dim]`."""
+    """Rotate the first `rotary_dim` features of x `[batch, seq, heads, head_dim]` (cos/sin: `[batch, seq, rot]`)."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
