@@ -150,3 +150,35 @@ def test_presence_penalty_subtracts_once_per_generated_token():
     ours = apply_penalties(jnp.asarray(logits), jnp.asarray(generated), jnp.asarray(generated),
                            SamplingConfig(presence_penalty=1.5))  # fmt: skip
     np.testing.assert_allclose(np.asarray(ours), logits - 1.5 * generated)
+
+
+def test_unset_arguments_come_from_generation_config(built_models, tmp_path):
+    import shutil
+
+    from qwen_jax.generation import resolve_settings
+
+    directory = tmp_path / "model"
+    shutil.copytree(built_models("qwen3_5_moe_per_expert").converted_dir, directory)
+    gen = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "eos_token_id": [5, 6], "pad_token_id": 1}
+    (directory / "generation_config.json").write_text(__import__("json").dumps(gen))
+    model = qwen_jax.load(directory)
+    settings = resolve_settings(model)
+    assert settings.sampling == SamplingConfig(temperature=0.7, top_k=20, top_p=0.8)
+    assert settings.stop_tokens == (5, 6) and settings.pad_token_id == 1
+    explicit = resolve_settings(model, temperature=0.0, eos_token_id=9, top_k=3)
+    assert explicit.sampling == SamplingConfig(temperature=0.0, top_k=3, top_p=0.8)
+    assert explicit.stop_tokens == (9,) and explicit.pad_token_id == 1
+    (directory / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.7}')
+    assert resolve_settings(model).sampling.greedy
+
+
+def test_right_padded_prompts_generate_as_left_padded(built_models):
+    model = built_models("qwen3_5_moe_per_expert").model
+    ids, mask = left_padded_prompts(seed=12)
+    right_ids, right_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        right_ids[row, :n], right_mask[row, :n] = ids[row, mask[row] == 1], 1
+    left = qwen_jax.generate(model, ids, mask, max_new_tokens=8, pad_token_id=0)
+    right = qwen_jax.generate(model, right_ids, right_mask, max_new_tokens=8, pad_token_id=0)
+    np.testing.assert_array_equal(left, right)
