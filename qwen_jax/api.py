@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_jax.checkpoint.format import PARAMS_DIR, cast_tree, read_metadata, restore_tree
 from qwen_jax.config import ModelConfig, load_config
@@ -15,23 +16,50 @@ from qwen_jax.model import forward
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _jitted_forward(params, config, input_ids, attention_mask, positions):
-    return forward(params, config, input_ids, attention_mask, positions)
+def _jitted_forward(params, config, input_ids, attention_mask, positions, visual):
+    return forward(params, config, input_ids, attention_mask, positions, visual)
 
 
 class Model:
-    """A loaded model. `model(input_ids, attention_mask=None)` -> logits `[batch, seq, vocab]` float32."""
+    """A loaded model. `model(input_ids, attention_mask=None, ...)` -> logits `[batch, seq, vocab]` float32.
+
+    Vision-language checkpoints also take the processor's outputs: `pixel_values` + `image_grid_thw`,
+    `pixel_values_videos` + `video_grid_thw`, and optionally `mm_token_type_ids` (derived from the placeholder
+    tokens when absent); positions are then the 3D MRoPE positions.
+    """
 
     def __init__(self, config: ModelConfig, params: Any, path: Path | None = None):
         self.config = config
         self.params = params
         self.path = path
 
-    def __call__(self, input_ids: Any, attention_mask: Any | None = None, positions: Any | None = None) -> jax.Array:
-        input_ids = jnp.asarray(input_ids, jnp.int32)
+    def __call__(
+        self,
+        input_ids: Any,
+        attention_mask: Any | None = None,
+        positions: Any | None = None,
+        *,
+        pixel_values: Any = None,
+        image_grid_thw: Any = None,
+        pixel_values_videos: Any = None,
+        video_grid_thw: Any = None,
+        mm_token_type_ids: Any = None,
+    ) -> jax.Array:
+        from qwen_jax.multimodal import positions_for, visual_inputs
+
+        ids = np.asarray(input_ids)
+        visual = visual_inputs(
+            self.params, self.config, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
+        if positions is None and visual is not None:
+            positions, _ = positions_for(
+                self.config, ids, attention_mask, image_grid_thw, video_grid_thw, mm_token_type_ids
+            )
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask, jnp.int32)
-        return _jitted_forward(self.params, self.config.text, input_ids, attention_mask, positions)
+        positions = None if positions is None else jnp.asarray(positions, jnp.int32)
+        ids = jnp.asarray(ids, jnp.int32)
+        return _jitted_forward(self.params, self.config.text, ids, attention_mask, positions, visual)
 
     def __repr__(self) -> str:
         return f"Model({self.config.model_type}, {self.config.text.num_hidden_layers} layers, path={self.path})"

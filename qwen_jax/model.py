@@ -8,7 +8,7 @@ self_attn, post_attention_layernorm, mlp}`, `norm`, `lm_head`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -25,6 +25,16 @@ from qwen_jax.layers.norms import RMSNorm
 from qwen_jax.layers.rope import rotary_tables
 
 
+class VisualInputs(NamedTuple):
+    """Vision features placed on the sequence: `mask [batch, seq]` marks image/video placeholder positions,
+    `values [batch, seq, hidden]` replace their embeddings, and `deepstack [k, batch, seq, hidden]` are added to
+    them after decoder layers 0 .. k-1 (Qwen3-VL's DeepStack; k = 0 for Qwen3.5)."""
+
+    mask: jax.Array
+    values: jax.Array
+    deepstack: jax.Array
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: `x + mixer(norm(x))`, then `+ ffn(norm(.))`. x `[batch, seq, hidden]`."""
 
@@ -36,7 +46,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, bias, mask, state=None, offset=None):
         """`state` is this layer's cache entry (None for a plain forward); returns (x, new state)."""
         c = self.config
-        h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="input_layernorm")(x)
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm, name="input_layernorm")(x)
         if c.layer_types[self.index] == LINEAR_ATTENTION:
             with jax.named_scope("gated_deltanet"):
                 h, new_state = GatedDeltaNet(c, self.dtype, name="linear_attn")(h, mask, state)
@@ -45,7 +55,7 @@ class DecoderLayer(nn.Module):
             with jax.named_scope("attention"):
                 h, new_state = Attention(c, self.dtype, name="self_attn")(h, cos, sin, bias, state, offset)
         x = x + h
-        h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="post_attention_layernorm")(x)
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm, name="post_attention_layernorm")(x)
         with jax.named_scope("ffn"):
             if c.moe_layers[self.index]:
                 h = SparseMoE(c, self.dtype, name="mlp")(h)
@@ -74,6 +84,7 @@ class TextModel(nn.Module):
         mask: jax.Array | None = None,
         cache: Cache | None = None,
         last_only: bool = False,
+        visual: VisualInputs | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         c = self.config
         embed = nn.Embed(
@@ -85,6 +96,8 @@ class TextModel(nn.Module):
             name="embed_tokens",
         )
         x = embed(input_ids)
+        if visual is not None:
+            x = jnp.where(visual.mask[..., None], visual.values.astype(x.dtype), x)
         cos, sin = rotary_tables(positions, c.rope, c.head_dim, self.dtype)
         batch, seq = input_ids.shape
         valid = jnp.ones((batch, seq), bool) if mask is None else mask.astype(bool)
@@ -104,9 +117,11 @@ class TextModel(nn.Module):
                 layer = DecoderLayer(c, i, self.dtype, name=f"layers_{i}")
                 x, state = layer(x, cos, sin, bias, mask, states[i], offset)
                 new_states.append(state)
+            if visual is not None and i < visual.deepstack.shape[0]:
+                x = x + jnp.where(visual.mask[..., None], visual.deepstack[i].astype(x.dtype), 0)
         if last_only:
             x = x[:, -1]
-        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="norm")(x)
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm, name="norm")(x)
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -127,18 +142,25 @@ def compute_dtype(params: Any) -> jnp.dtype:
     return jnp.dtype(params["embed_tokens"]["embedding"].dtype)
 
 
+def text_params(params: Any) -> Any:
+    """The decoder's part of a parameter tree (everything but the vision tower)."""
+    return {k: v for k, v in params.items() if k != "visual"}
+
+
 def forward(
     params: Any,
     config: TextConfig,
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
+    visual: VisualInputs | None = None,
 ) -> jax.Array:
-    """Logits `[batch, seq, vocab]` (float32) of a full causal forward. Computes in the embedding's dtype."""
+    """Logits `[batch, seq, vocab]` (float32) of a full causal forward. Computes in the embedding's dtype.
+    positions: `[batch, seq]`, `[3, batch, seq]` (MRoPE), or None for text positions from the mask."""
     if positions is None:
         positions = default_positions(attention_mask, input_ids.shape)
     model = TextModel(config, compute_dtype(params))
-    return model.apply({"params": params}, input_ids, positions, attention_mask)[0]
+    return model.apply({"params": text_params(params)}, input_ids, positions, attention_mask, None, False, visual)[0]
 
 
 def forward_with_cache(
@@ -149,11 +171,14 @@ def forward_with_cache(
     cache: Cache,
     attention_mask: jax.Array | None = None,
     last_only: bool = False,
+    visual: VisualInputs | None = None,
 ) -> tuple[jax.Array, Cache]:
     """Continue `cache` with `input_ids [batch, seq]` at `positions`; returns (logits, updated cache). Logits are
     `[batch, seq, vocab]`, or `[batch, vocab]` for the last slot with `last_only`."""
     model = TextModel(config, compute_dtype(params))
-    return model.apply({"params": params}, input_ids, positions, attention_mask, cache, last_only)
+    return model.apply(
+        {"params": text_params(params)}, input_ids, positions, attention_mask, cache, last_only, visual
+    )
 
 
 def init_params(config: TextConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Any:

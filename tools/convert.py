@@ -24,13 +24,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="cast weights to this dtype (default: keep each tensor's source dtype)",
     )
+    parser.add_argument("--expert-layout", choices=["v5", "legacy"], default=None,
+                        help="layout of fused expert tensors when their shapes cannot tell it (hidden == 2 * "
+                        "moe_intermediate): v5 = [E, 2I, H] as transformers >= 5 writes, legacy = [E, H, 2I] as the "
+                        "official Qwen3-VL-MoE files (default: decide by shape, then by transformers_version)")
     args = parser.parse_args(argv)
 
     from qwen_jax.checkpoint.convert import convert
     from qwen_jax.errors import InputError
 
     try:
-        convert(args.src, args.dst, args.dtype, log=lambda msg: print(msg, file=sys.stderr))
+        convert(args.src, args.dst, args.dtype, lambda msg: print(msg, file=sys.stderr), args.expert_layout)
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

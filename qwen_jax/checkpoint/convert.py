@@ -47,8 +47,18 @@ def _target_dtype(path: str, source: np.dtype, requested: str | None) -> np.dtyp
     return np.dtype(jnp.dtype(requested))
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str | None = None, log: Callable[[str], None] = print) -> None:
-    """Convert the checkpoint at `src` into a model directory at `dst` (which must not exist)."""
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    log: Callable[[str], None] = print,
+    expert_layout: str | None = None,
+) -> None:
+    """Convert the checkpoint at `src` into a model directory at `dst` (which must not exist).
+
+    expert_layout: "v5" or "legacy" for fused expert tensors whose layout their shapes cannot tell (see
+    `hf_mapping.expert_layout`); None decides by shape, then by the recorded `transformers_version`.
+    """
     from qwen_jax.model import param_shapes
 
     src, dst = Path(src), Path(dst)
@@ -60,14 +70,15 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, log: Cal
         raise ConversionError(f"{dst} already exists; choose a new destination")
     config = load_config(src)
     ckpt = SafetensorsCheckpoint(src)
-    mapping = plan(config, ckpt.keys())
+    version = json.loads((src / "config.json").read_text()).get("transformers_version")
+    mapping = plan(config, {k: ckpt.info(k)[1] for k in ckpt.keys()}, expert_layout, version)
     for rule in mapping.rules:
         for key, expected in zip(rule.sources, rule.source_shapes):
             shape = ckpt.info(key)[1]
             if shape != expected:
                 raise ConversionError(f"{key}: shape {list(shape)} but the config implies {list(expected)}")
     if mapping.set_aside:
-        log(f"note: {len(mapping.set_aside)} vision tensors (model.visual.*) set aside; vision support comes later")
+        log(f"note: {len(mapping.set_aside)} vision tensors (model.visual.*) set aside: a text-only config")
 
     from tqdm import tqdm
 
@@ -85,7 +96,12 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, log: Cal
             for k in rule.sources
         ]
         records.append({"op": rule.op, "sources": sources, "targets": targets})
-    _check_against_model(params, param_shapes(config.text))
+    expected = param_shapes(config.text)
+    if config.vision is not None:
+        from qwen_jax.vision import vision_param_shapes
+
+        expected["visual"] = vision_param_shapes(config.vision)
+    _check_against_model(params, expected)
 
     mtp: dict = {}
     for key in mapping.mtp_keys:
@@ -106,6 +122,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, log: Cal
             "version": FORMAT_VERSION,
             "model_type": config.model_type,
             "dtype": dtype,
+            "expert_layout": mapping.expert_layout,
             "source_index": ckpt.index_file,
             "source_files": {name: f.metadata for name, f in ckpt.files.items()},
             "tensors": records,

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from qwen_jax.config import LINEAR_ATTENTION, ModelConfig, TextConfig
+from qwen_jax.config import LINEAR_ATTENTION, ModelConfig, TextConfig, VisionConfig
 from qwen_jax.errors import InputError
 
 Shape = tuple[int, ...]
@@ -40,7 +40,7 @@ def keeps_float32(path: str) -> bool:
     `path` is a parameter path ("layers_0/linear_attn/A_log") or a Hugging Face key ("mtp.norm.weight").
     """
     parts = path.replace(".", "/").split("/")
-    return parts[-1] in ("A_log", "dt_bias") or (parts[-1] == "weight" and "norm" in parts[-2])
+    return parts[-1] in ("A_log", "dt_bias") or (parts[-1] in ("weight", "scale", "bias") and "norm" in parts[-2])
 
 
 def _grouped(w: np.ndarray, groups: int, sizes: list[int]) -> list[np.ndarray]:
@@ -71,14 +71,20 @@ OPS: dict[str, Callable[[list[np.ndarray], TextConfig], list[np.ndarray]]] = {
     "split_ba": lambda xs, c: _split_ba(xs[0], c),
     "stack_gate_up": lambda xs, c: [np.stack([np.concatenate(xs[i : i + 2]).T for i in range(0, len(xs), 2)])],
     "stack_transpose": lambda xs, c: [np.stack([x.T for x in xs])],
+    "flatten_transpose": lambda xs, c: [xs[0].reshape(xs[0].shape[0], -1).T],  # Conv3d patch embedding
 }
+
+# Fused expert tensors: transformers 5.x writes gate_up_proj [E, 2I, H] and down_proj [E, H, I]; the official
+# Qwen3-VL-MoE files hold the transposes [E, H, 2I] and [E, I, H].
+EXPERT_LAYOUTS = ("v5", "legacy")
+FIRST_V5_VERSION = (5, 0)
 
 
 def apply_rule(rule: Rule, sources: list[np.ndarray], config: TextConfig) -> list[np.ndarray]:
     return [np.ascontiguousarray(x) for x in OPS[rule.op](sources, config)]
 
 
-def _layer_rules(c: TextConfig, i: int, p: str, keys: set[str]) -> list[Rule]:
+def _layer_rules(c: TextConfig, i: int, p: str, keys: set[str], expert_layout: str) -> list[Rule]:
     """Rules for decoder layer i, whose keys start with `p` (e.g. "model.layers.3.")."""
     h = c.hidden_size
     out = f"layers_{i}/"
@@ -134,7 +140,8 @@ def _layer_rules(c: TextConfig, i: int, p: str, keys: set[str]) -> list[Rule]:
         linear(f"{la}.out_proj", f"{la}/out_proj", h, c.value_dim)
     else:
         heads, kv, d, bias = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.attention_bias
-        linear("self_attn.q_proj", "self_attn/q_proj", 2 * heads * d, h, bias)
+        q_width = heads * d * (2 if c.attention_output_gate else 1)
+        linear("self_attn.q_proj", "self_attn/q_proj", q_width, h, bias)
         linear("self_attn.k_proj", "self_attn/k_proj", kv * d, h, bias)
         linear("self_attn.v_proj", "self_attn/v_proj", kv * d, h, bias)
         linear("self_attn.o_proj", "self_attn/o_proj", h, heads * d, bias)
@@ -147,8 +154,12 @@ def _layer_rules(c: TextConfig, i: int, p: str, keys: set[str]) -> list[Rule]:
     e, inter = c.num_experts, c.moe_intermediate_size
     linear("mlp.gate", "mlp/gate", e, h)
     if f"{p}mlp.experts.gate_up_proj" in keys:
-        add("transpose", [f"{p}mlp.experts.gate_up_proj"], [(e, 2 * inter, h)], ["mlp/experts/gate_up_proj"])
-        add("transpose", [f"{p}mlp.experts.down_proj"], [(e, h, inter)], ["mlp/experts/down_proj"])
+        if expert_layout == "v5":
+            add("transpose", [f"{p}mlp.experts.gate_up_proj"], [(e, 2 * inter, h)], ["mlp/experts/gate_up_proj"])
+            add("transpose", [f"{p}mlp.experts.down_proj"], [(e, h, inter)], ["mlp/experts/down_proj"])
+        else:
+            add("copy", [f"{p}mlp.experts.gate_up_proj"], [(e, h, 2 * inter)], ["mlp/experts/gate_up_proj"])
+            add("copy", [f"{p}mlp.experts.down_proj"], [(e, inter, h)], ["mlp/experts/down_proj"])
     else:
         gate_up = [f"{p}mlp.experts.{j}.{proj}.weight" for j in range(e) for proj in ("gate_proj", "up_proj")]
         add("stack_gate_up", gate_up, [(inter, h)] * (2 * e), ["mlp/experts/gate_up_proj"])
@@ -160,15 +171,99 @@ def _layer_rules(c: TextConfig, i: int, p: str, keys: set[str]) -> list[Rule]:
     return rules
 
 
+def _vision_rules(v: VisionConfig, p: str) -> list[Rule]:
+    """Rules for the vision tower, whose keys start with `p` ("model.visual.")."""
+    d, merged = v.hidden_size, v.hidden_size * v.spatial_merge_size**2
+    rules: list[Rule] = []
+
+    def linear(name: str, target: str, out_features: int, in_features: int) -> None:
+        weight = (f"{p}{name}.weight",)
+        rules.append(Rule("transpose", weight, ((out_features, in_features),), (f"visual/{target}/kernel",)))
+        rules.append(Rule("copy", (f"{p}{name}.bias",), ((out_features,),), (f"visual/{target}/bias",)))
+
+    def layer_norm(name: str, target: str, dim: int) -> None:
+        for src, dst in (("weight", "scale"), ("bias", "bias")):
+            rules.append(Rule("copy", (f"{p}{name}.{src}",), ((dim,),), (f"visual/{target}/{dst}",)))
+
+    def merger(name: str, target: str, norm_dim: int) -> None:
+        layer_norm(f"{name}.norm", f"{target}/norm", norm_dim)
+        linear(f"{name}.linear_fc1", f"{target}/linear_fc1", merged, merged)
+        linear(f"{name}.linear_fc2", f"{target}/linear_fc2", v.out_hidden_size, merged)
+
+    patch_shape = (d, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    patch = (f"{p}patch_embed.proj.weight",)
+    rules.append(Rule("flatten_transpose", patch, (patch_shape,), ("visual/patch_embed/kernel",)))
+    rules.append(Rule("copy", (f"{p}patch_embed.proj.bias",), ((d,),), ("visual/patch_embed/bias",)))
+    rules.append(Rule("copy", (f"{p}pos_embed.weight",), ((v.num_position_embeddings, d),), ("visual/pos_embed",)))
+    for j in range(v.depth):
+        b = f"blocks.{j}"
+        layer_norm(f"{b}.norm1", f"blocks_{j}/norm1", d)
+        layer_norm(f"{b}.norm2", f"blocks_{j}/norm2", d)
+        linear(f"{b}.attn.qkv", f"blocks_{j}/attn/qkv", 3 * d, d)
+        linear(f"{b}.attn.proj", f"blocks_{j}/attn/proj", d, d)
+        linear(f"{b}.mlp.linear_fc1", f"blocks_{j}/mlp/linear_fc1", v.intermediate_size, d)
+        linear(f"{b}.mlp.linear_fc2", f"blocks_{j}/mlp/linear_fc2", d, v.intermediate_size)
+    merger("merger", "merger", d)
+    for k in range(len(v.deepstack_visual_indexes)):
+        merger(f"deepstack_merger_list.{k}", f"deepstack_merger_list_{k}", merged)
+    return rules
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in str(text).split(".")[:2])
+    except ValueError:
+        return None
+
+
+def expert_layout(
+    config: TextConfig, shapes: dict[str, Shape], prefix: str, requested: str | None, transformers_version: str | None
+) -> str:
+    """Which fused expert layout the checkpoint uses ("v5" or "legacy"), by shape where the layouts differ; where
+    they cannot be told apart (hidden == 2 * moe_intermediate), from `transformers_version` or `requested`."""
+    key = next((k for k in shapes if k.startswith(prefix) and k.endswith("mlp.experts.gate_up_proj")), None)
+    if requested is not None:
+        if requested not in EXPERT_LAYOUTS:
+            raise MappingError(f"unknown expert layout {requested!r} (choose {' or '.join(EXPERT_LAYOUTS)})")
+        return requested
+    if key is None:
+        return "v5"
+    e, h, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    if h != 2 * inter:
+        if shapes[key] == (e, 2 * inter, h):
+            return "v5"
+        if shapes[key] == (e, h, 2 * inter):
+            return "legacy"
+        return "v5"  # a wrong shape: the shape check names it
+    version = _version(transformers_version)
+    if config.model_type.startswith("qwen3_5") or config.model_type == "qwen3_next":
+        return "v5"  # these families were only ever published in the [E, 2I, H] layout
+    if version is None:
+        raise MappingError(
+            f"{key}: hidden_size == 2 * moe_intermediate_size, so the expert layout cannot be told from shapes, and "
+            "config.json records no transformers_version; pass --expert-layout v5 (files written by transformers "
+            ">= 5) or legacy (the official Qwen3-VL-MoE release)"
+        )
+    return "v5" if version >= FIRST_V5_VERSION else "legacy"
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     rules: list[Rule]
     mtp_keys: list[str]  # kept as-is in the separate `mtp` tree
-    set_aside: list[str]  # vision tower keys, not converted yet
+    set_aside: list[str]  # vision keys of a text-only config, not converted
+    expert_layout: str
 
 
-def plan(config: ModelConfig, keys: list[str]) -> Plan:
-    """Rules for every text tensor; raises `MappingError` naming unknown or missing keys."""
+def plan(
+    config: ModelConfig,
+    shapes: dict[str, Shape],
+    requested_expert_layout: str | None = None,
+    transformers_version: str | None = None,
+) -> Plan:
+    """Rules for every tensor of the checkpoint (`shapes`: key -> shape); raises `MappingError` naming unknown or
+    missing keys."""
+    keys = list(shapes)
     key_set = set(keys)
     # A text-only model may carry the VL prefix (a CausalLM loaded from a VL checkpoint saves it) and vice versa.
     prefixes = [config.text_prefix, "model.language_model.", "model."]
@@ -177,16 +272,22 @@ def plan(config: ModelConfig, keys: list[str]) -> Plan:
         raise MappingError("no embed_tokens.weight under model. or model.language_model.")
     c = config.text
     h = c.hidden_size
+    layout = expert_layout(c, shapes, prefix, requested_expert_layout, transformers_version)
     rules = [
         Rule("copy", (f"{prefix}embed_tokens.weight",), ((c.vocab_size, h),), ("embed_tokens/embedding",)),
         Rule("copy", (f"{prefix}norm.weight",), ((h,),), ("norm/weight",)),
     ]
     for i in range(c.num_hidden_layers):
-        rules += _layer_rules(c, i, f"{prefix}layers.{i}.", key_set)
+        rules += _layer_rules(c, i, f"{prefix}layers.{i}.", key_set, layout)
     if not c.tie_word_embeddings:
         rules.append(Rule("transpose", ("lm_head.weight",), ((c.vocab_size, h),), ("lm_head/kernel",)))
+    visual = sorted(k for k in keys if k.startswith("model.visual."))
+    set_aside = []
+    if config.vision is not None:
+        rules += _vision_rules(config.vision, "model.visual.")
+    else:
+        set_aside = visual
     mtp = sorted(k for k in keys if k.startswith("mtp."))
-    set_aside = sorted(k for k in keys if k.startswith("model.visual."))
     used = {s for r in rules for s in r.sources} | set(mtp) | set(set_aside)
     if c.tie_word_embeddings:
         used.add("lm_head.weight")  # a tied head may be saved too; the embedding is the one used
@@ -198,4 +299,4 @@ def plan(config: ModelConfig, keys: list[str]) -> Plan:
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise MappingError(f"missing tensor(s) the config requires: {', '.join(missing[:5])}{more}")
-    return Plan(rules, mtp, set_aside)
+    return Plan(rules, mtp, set_aside, layout)

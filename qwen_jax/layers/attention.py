@@ -1,7 +1,7 @@
-"""Gated full attention (Qwen3-Next / Qwen3.5): GQA with q/k RMSNorm before partial RoPE and a per-head output gate.
+"""Full causal attention: GQA with q/k RMSNorm before (partial) RoPE.
 
-`q_proj` yields, per head, the query and a gate of the same width; the attention output is multiplied by
-`sigmoid(gate)` before `o_proj`.
+Qwen3-Next / Qwen3.5 gate the output: `q_proj` yields, per head, the query and a gate of the same width, and the
+attention output is multiplied by `sigmoid(gate)` before `o_proj`. Qwen3-VL has no gate.
 """
 
 from __future__ import annotations
@@ -71,12 +71,15 @@ class Attention(nn.Module):
         def proj(features, axes, name):
             return Linear(features, axes, name=name, dtype=self.dtype, use_bias=c.attention_bias)
 
-        query_gate = proj(heads * dim * 2, ("embed", "q_heads"), "q_proj")(x).reshape(b, t, heads, 2 * dim)
-        q, gate = query_gate[..., :dim], query_gate[..., dim:]
+        gated = c.attention_output_gate
+        query = proj(heads * dim * (2 if gated else 1), ("embed", "q_heads"), "q_proj")(x)
+        query = query.reshape(b, t, heads, 2 * dim if gated else dim)
+        q, gate = query[..., :dim], query[..., dim:]
         k = proj(kv_heads * dim, ("embed", "kv_heads"), "k_proj")(x).reshape(b, t, kv_heads, dim)
         v = proj(kv_heads * dim, ("embed", "kv_heads"), "v_proj")(x).reshape(b, t, kv_heads, dim)
-        q = RMSNorm(dim, c.rms_norm_eps, axis_name="head_dim", name="q_norm")(q)
-        k = RMSNorm(dim, c.rms_norm_eps, axis_name="head_dim", name="k_norm")(k)
+        norm = dict(eps=c.rms_norm_eps, zero_centered=c.zero_centered_norm, axis_name="head_dim")
+        q = RMSNorm(dim, **norm, name="q_norm")(q)
+        k = RMSNorm(dim, **norm, name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             start = (0, offset, 0, 0)
@@ -84,5 +87,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = type(cache)(k, v)
         out = dot_product_attention(q, k, v, bias)
-        out = out.reshape(b, t, heads * dim) * jax.nn.sigmoid(gate.reshape(b, t, heads * dim))
+        out = out.reshape(b, t, heads * dim)
+        if gated:
+            out = out * jax.nn.sigmoid(gate.reshape(b, t, heads * dim))
         return proj(c.hidden_size, ("q_heads", "embed"), "o_proj")(out), cache
