@@ -65,6 +65,24 @@ def _qwen3_5_moe_vl() -> torch.nn.Module:
     return transformers.Qwen3_5MoeForConditionalGeneration(cfg)
 
 
+VL_ROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+VL_TEXT = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=32, intermediate_size=48, rms_norm_eps=1e-6, rope_parameters=VL_ROPE)  # fmt: skip
+DEEPSTACK_VISION = dict(VISION, depth=2, deepstack_visual_indexes=[0, 1])
+
+
+def _qwen3_vl() -> torch.nn.Module:
+    cfg = transformers.Qwen3VLConfig(text_config=dict(VL_TEXT), vision_config=DEEPSTACK_VISION, **VL_TOKENS)
+    return transformers.Qwen3VLForConditionalGeneration(cfg)
+
+
+def _qwen3_vl_moe() -> torch.nn.Module:
+    # moe_intermediate_size 24: hidden (64) != 2 * 24, so the fused expert layout is decidable by shape.
+    text = dict(VL_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=DEEPSTACK_VISION, **VL_TOKENS)
+    return transformers.Qwen3VLMoeForConditionalGeneration(cfg)
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     build: Callable[[], torch.nn.Module]
@@ -80,7 +98,10 @@ SPECS: dict[str, Spec] = {
     "qwen3_next_fused_experts": Spec(_qwen3_next, {"save_original_format": False}),
     "qwen3_5_vl": Spec(_qwen3_5_vl, {}),
     "qwen3_5_moe_vl": Spec(_qwen3_5_moe_vl, {"max_shard_size": "40KB"}),  # sharded, with an index
+    "qwen3_vl": Spec(_qwen3_vl, {}),
+    "qwen3_vl_moe": Spec(_qwen3_vl_moe, {}),
 }
+VL_FAMILIES = ["qwen3_5_vl", "qwen3_5_moe_vl", "qwen3_vl", "qwen3_vl_moe"]
 
 
 @dataclasses.dataclass
