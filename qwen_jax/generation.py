@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import numpy as np
 from qwen_jax.cache import Cache, init_cache
 from qwen_jax.config import TextConfig
 from qwen_jax.errors import InputError
-from qwen_jax.model import compute_dtype, forward_with_cache
+from qwen_jax.model import VisualInputs, compute_dtype, forward_with_cache
 from qwen_jax.sampling import SamplingConfig, apply_penalties, sample
 
 PREFILL_CHUNK = 256
@@ -57,21 +57,45 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, length: int, p
     return ids, mask
 
 
-def _prefill(params: Any, config: TextConfig, ids: jax.Array, mask: jax.Array, max_len: int, piece: int):
+class Prompt(NamedTuple):
+    """A left-aligned, bucketed prompt batch: ids and mask `[batch, length]`, positions `[batch, length]` or
+    `[3, batch, length]` (MRoPE), the next decode position per row `[batch]`, and vision features (or None)."""
+
+    ids: jax.Array
+    mask: jax.Array
+    positions: jax.Array
+    next_positions: jax.Array
+    visual: VisualInputs | None
+
+
+def _split_sequence(x: jax.Array, seq_axis: int, pieces: int) -> jax.Array:
+    """`[..., length, ...]` -> `[pieces, ..., length / pieces, ...]` along `seq_axis`."""
+    seq_axis %= x.ndim
+    shape = x.shape[:seq_axis] + (pieces, x.shape[seq_axis] // pieces) + x.shape[seq_axis + 1 :]
+    return jnp.moveaxis(x.reshape(shape), seq_axis, 0)
+
+
+def _prefill(params: Any, config: TextConfig, prompt: Prompt, max_len: int, piece: int):
     """Run the prompt through in pieces of `piece` slots (a `lax.scan`, so memory is that of one piece).
-    Returns (last-slot logits `[batch, vocab]`, cache, next positions `[batch]`)."""
-    batch, length = ids.shape
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    Returns (last-slot logits `[batch, vocab]`, cache)."""
+    batch, length = prompt.ids.shape
+    n = length // piece
     cache = init_cache(config, batch, max_len, compute_dtype(params))
-    pieces = [x.reshape(batch, length // piece, piece).swapaxes(0, 1) for x in (ids, positions, mask)]
+    visual = prompt.visual
+    xs = (
+        _split_sequence(prompt.ids, 1, n),
+        _split_sequence(prompt.positions, -1, n),
+        _split_sequence(prompt.mask, 1, n),
+        None if visual is None else VisualInputs(*(_split_sequence(v, a, n) for v, a in zip(visual, (1, 1, 2)))),
+    )
 
     def step(cache, xs):
-        ids_p, pos_p, mask_p = xs
-        logits, cache = forward_with_cache(params, config, ids_p, pos_p, cache, mask_p, last_only=True)
+        ids_p, pos_p, mask_p, visual_p = xs
+        logits, cache = forward_with_cache(params, config, ids_p, pos_p, cache, mask_p, True, visual_p)
         return cache, logits
 
-    cache, logits = jax.lax.scan(step, cache, tuple(pieces))
-    return logits[-1], cache, positions[:, -1] + 1
+    cache, logits = jax.lax.scan(step, cache, xs)
+    return logits[-1], cache
 
 
 def _decode(params: Any, config: TextConfig, cache: Cache, tokens: jax.Array, positions: jax.Array):
@@ -99,13 +123,14 @@ def _prompt_seen(ids: jax.Array, mask: jax.Array, vocab: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings", "piece"))
-def _generate(params, config: TextConfig, ids, mask, settings: GenerationSettings, piece: int):
-    batch, length = ids.shape
+def _generate(params, config: TextConfig, prompt: Prompt, settings: GenerationSettings, piece: int):
+    batch, length = prompt.ids.shape
     n = settings.max_new_tokens
     stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
     rng = jax.random.key(settings.seed)
-    logits, cache, positions = _prefill(params, config, ids, mask, length + n, piece)
-    seen = _prompt_seen(ids, mask, config.vocab_size)
+    logits, cache = _prefill(params, config, prompt, length + n, piece)
+    positions = prompt.next_positions
+    seen = _prompt_seen(prompt.ids, prompt.mask, config.vocab_size)
     generated = jnp.zeros_like(seen)
     done = jnp.zeros((batch,), bool)
     token, seen, generated, done = _choose(logits, seen, generated, done, rng, 0, settings, stop_tokens)
@@ -179,7 +204,9 @@ def resolve_settings(
     return GenerationSettings(sampling, n, stop, int(pad), int(seed))
 
 
-def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: GenerationSettings):
+def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: GenerationSettings, vision: dict):
+    from qwen_jax.multimodal import positions_for, visual_inputs
+
     ids = np.asarray(input_ids, np.int64)
     if ids.ndim == 1:
         ids = ids[None]
@@ -194,7 +221,25 @@ def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: G
         )
     length = bucket_length(longest)
     ids, mask = left_align(ids, mask, length, settings.pad_token_id)
-    return jnp.asarray(ids), jnp.asarray(mask), min(length, PREFILL_CHUNK)
+    # mm_token_type_ids are accepted for compatibility with the processor's outputs; the placeholder tokens of the
+    # re-aligned ids say the same thing.
+    positions, next_positions = positions_for(
+        model.config, ids, mask, vision.get("image_grid_thw"), vision.get("video_grid_thw")
+    )
+    visual = visual_inputs(
+        model.params, model.config, ids, vision.get("pixel_values"), vision.get("image_grid_thw"),
+        vision.get("pixel_values_videos"), vision.get("video_grid_thw"),
+    )  # fmt: skip
+    prompt = Prompt(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions), jnp.asarray(next_positions), visual)
+    return prompt, min(length, PREFILL_CHUNK)
+
+
+VISION_ARGUMENTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+
+
+def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    vision = {k: kwargs.pop(k) for k in VISION_ARGUMENTS if k in kwargs}
+    return vision, kwargs
 
 
 def generate(model: Any, input_ids: Any, attention_mask: Any | None = None, **kwargs: Any) -> np.ndarray:
@@ -202,16 +247,18 @@ def generate(model: Any, input_ids: Any, attention_mask: Any | None = None, **kw
 
     input_ids `[batch, seq]` (or `[seq]`); attention_mask marks real tokens (any padding side). Keyword arguments:
     max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, eos_token_id (int or
-    list), pad_token_id, seed (see `resolve_settings`).
+    list), pad_token_id, seed (see `resolve_settings`); and for vision-language models pixel_values,
+    image_grid_thw, pixel_values_videos, video_grid_thw, mm_token_type_ids as the processor makes them.
     """
+    vision, kwargs = _split_kwargs(dict(kwargs))
     settings = resolve_settings(model, **kwargs)
-    ids, mask, piece = _prepare_prompt(model, input_ids, attention_mask, settings)
-    return np.asarray(_generate(model.params, model.config.text, ids, mask, settings, piece))
+    prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
+    return np.asarray(_generate(model.params, model.config.text, prompt, settings, piece))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "piece"))
-def _jit_prefill(params, ids, mask, config, max_len, piece):
-    return _prefill(params, config, ids, mask, max_len, piece)
+def _jit_prefill(params, prompt, config, max_len, piece):
+    return _prefill(params, config, prompt, max_len, piece)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("cache",))
@@ -242,13 +289,16 @@ def stream(
     has stopped or after max_new_tokens steps. If given, `timings` receives compile_s, prefill_s,
     prefill_tokens_per_s, decode_s and decode_tokens_per_s (per row)."""
     timings = {} if timings is None else timings
+    vision, kwargs = _split_kwargs(dict(kwargs))
     settings = resolve_settings(model, **kwargs)
-    ids, mask, piece = _prepare_prompt(model, input_ids, attention_mask, settings)
+    prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
+    ids, mask = prompt.ids, prompt.mask
     config, params = model.config.text, model.params
     max_len = ids.shape[1] + settings.max_new_tokens
-    prefill = _compiled(_jit_prefill, (params, ids, mask), dict(config=config, max_len=max_len, piece=piece), timings)
+    prefill = _compiled(_jit_prefill, (params, prompt), dict(config=config, max_len=max_len, piece=piece), timings)
     start = time.perf_counter()
-    logits, cache, positions = prefill(params, ids, mask)
+    logits, cache = prefill(params, prompt)
+    positions = prompt.next_positions
     rng = jax.random.key(settings.seed)
     stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
     seen = _prompt_seen(ids, mask, config.vocab_size)

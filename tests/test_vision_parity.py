@@ -108,3 +108,29 @@ def test_placeholder_count_mismatch_is_a_clear_error(built_models):
     inputs["pixel_values"] = np.zeros((32, PATCH_DIM), np.float32)
     with pytest.raises(InputError, match="image placeholders and features differ: 6 tokens, 8 features"):
         built.model(**inputs)
+
+
+@pytest.mark.parametrize("name", VL_FAMILIES)
+def test_greedy_generation_with_images_equals_reference(built_models, name):
+    import qwen_jax
+    from test_model_parity import RELATIVE_TOLERANCE
+
+    built = built_models(name)
+    rows = [[("text", 30), ("image", (1, 4, 6)), ("text", 90)], [("text", 8), ("image", (1, 8, 4)), ("text", 20)]]
+    # Seed 12: no near-tie in the reference's 40 steps for any row of the four families (all cut points 40).
+    inputs = batch_inputs(seed=12, rows=rows)
+    new = 40
+    with torch.no_grad():
+        tensors = {k: torch.from_numpy(v) for k, v in inputs.items() if v is not None}
+        ref = built.reference.generate(**tensors, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                                       eos_token_id=None, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    ref_tokens = ref.sequences[:, inputs["input_ids"].shape[1] :].numpy()
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    ours = qwen_jax.generate(built.model, ids, mask, max_new_tokens=new, pad_token_id=0, **inputs)
+    scores = torch.stack(ref.scores, 1).float().numpy()
+    top2 = np.sort(scores, axis=-1)[..., -2:]
+    near_tie = (top2[..., 1] - top2[..., 0]) <= 10 * RELATIVE_TOLERANCE * np.abs(scores).max(-1)
+    for row in range(2):
+        cut = int(np.argmax(near_tie[row])) if near_tie[row].any() else new
+        assert cut >= 30, f"row {row}: only {cut} comparable tokens"
+        np.testing.assert_array_equal(ours[row, :cut], ref_tokens[row, :cut], err_msg=f"row {row}")
