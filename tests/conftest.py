@@ -35,6 +35,14 @@ def _qwen3_5_dense() -> torch.nn.Module:
     return transformers.Qwen3_5ForCausalLM(cfg)
 
 
+def _qwen3_5_dense_tied() -> torch.nn.Module:
+    # Tied LM head, a conv kernel of 3 and full attention every 2nd layer.
+    cfg = transformers.Qwen3_5TextConfig(**dict(TEXT, linear_conv_kernel_dim=3), intermediate_size=48,
+                                         tie_word_embeddings=True, full_attention_interval=2,
+                                         rope_parameters=dict(ROPE_MROPE))  # fmt: skip
+    return transformers.Qwen3_5ForCausalLM(cfg)
+
+
 def _qwen3_5_moe(rope: dict | None = None) -> torch.nn.Module:
     cfg = transformers.Qwen3_5MoeTextConfig(**TEXT, **MOE, rope_parameters=dict(rope or ROPE_MROPE))
     return transformers.Qwen3_5MoeForCausalLM(cfg)
@@ -91,6 +99,7 @@ class Spec:
 
 SPECS: dict[str, Spec] = {
     "qwen3_5_dense": Spec(_qwen3_5_dense, {}),
+    "qwen3_5_dense_tied": Spec(_qwen3_5_dense_tied, {}),
     "qwen3_5_moe_per_expert": Spec(_qwen3_5_moe, {}),  # save_pretrained's default writes per-expert keys
     "qwen3_5_moe_fused": Spec(_qwen3_5_moe, {"save_original_format": False}),
     "qwen3_5_moe_yarn": Spec(_qwen3_5_moe_yarn, {}),
