@@ -1,9 +1,12 @@
-"""`load` a converted model directory into a `Model`: its config, its parameters and a jitted forward."""
+"""`load` a converted model directory into a `Model`: its config, its parameters (optionally sharded over a device
+mesh) and a jitted forward."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -25,13 +28,19 @@ class Model:
 
     Vision-language checkpoints also take the processor's outputs: `pixel_values` + `image_grid_thw`,
     `pixel_values_videos` + `video_grid_thw`, and optionally `mm_token_type_ids` (derived from the placeholder
-    tokens when absent); positions are then the 3D MRoPE positions.
+    tokens when absent); positions are then the 3D MRoPE positions. With a mesh, the batch is split over its data
+    axes (padded to a multiple of their size) and the MoE runs expert-parallel.
     """
 
-    def __init__(self, config: ModelConfig, params: Any, path: Path | None = None):
+    def __init__(self, config: ModelConfig, params: Any, path: Path | None = None, mesh: Any = None):
         self.config = config
         self.params = params
         self.path = path
+        self.mesh = mesh
+
+    def activate(self) -> contextlib.AbstractContextManager:
+        """Context in which jitted calls see this model's mesh (a no-op without one)."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def __call__(
         self,
@@ -48,34 +57,87 @@ class Model:
         from qwen_jax.multimodal import positions_for, visual_inputs
 
         ids = np.asarray(input_ids)
-        visual = visual_inputs(
-            self.params, self.config, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-        )
-        if positions is None and visual is not None:
-            positions, _ = positions_for(
-                self.config, ids, attention_mask, image_grid_thw, video_grid_thw, mm_token_type_ids
+        batch = ids.shape[0]
+        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        with self.activate():
+            visual = visual_inputs(
+                self.params, self.config, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
-        if attention_mask is not None:
-            attention_mask = jnp.asarray(attention_mask, jnp.int32)
-        positions = None if positions is None else jnp.asarray(positions, jnp.int32)
-        ids = jnp.asarray(ids, jnp.int32)
-        return _jitted_forward(self.params, self.config.text, ids, attention_mask, positions, visual)
+            if positions is None:
+                positions, _ = positions_for(
+                    self.config, ids, mask, image_grid_thw, video_grid_thw, mm_token_type_ids
+                )
+            ids, mask, positions, visual = self._place_batch(ids, mask, np.asarray(positions), visual)
+            logits = _jitted_forward(self.params, self.config.text, ids, mask, positions, visual)
+        return logits[:batch]
+
+    def _place_batch(self, ids, mask, positions, visual):
+        """Pad the batch to a multiple of the mesh's data axes and shard it over them."""
+        if self.mesh is None:
+            return jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(positions, jnp.int32), visual
+        from qwen_jax.sharding import batch_divisor, batch_sharding
+
+        pad = (-ids.shape[0]) % batch_divisor(self.mesh)
+
+        def place(x, batch_axis):
+            x = jnp.asarray(x)
+            widths = [(0, 0)] * x.ndim
+            widths[batch_axis] = (0, pad)
+            return jax.device_put(jnp.pad(x, widths), batch_sharding(self.mesh, x.ndim, batch_axis))
+
+        positions_axis = positions.ndim - 2
+        if visual is not None:
+            visual = type(visual)(place(visual.mask, 0), place(visual.values, 0), place(visual.deepstack, 1))
+        return place(ids.astype(np.int32), 0), place(mask, 0), place(positions.astype(np.int32), positions_axis), visual
 
     def __repr__(self) -> str:
         return f"Model({self.config.model_type}, {self.config.text.num_hidden_layers} layers, path={self.path})"
 
 
-def load(path: str | Path, dtype: Any = None) -> Model:
+def load(path: str | Path, dtype: Any = None, mesh: Any = None) -> Model:
     """Load a model directory written by `tools/convert.py`.
 
     dtype: cast the weights (e.g. `jnp.bfloat16`); None keeps the stored dtypes. `A_log`, `dt_bias` and norm weights
     stay float32 either way. Activations compute in the embedding's dtype.
+    mesh: a `jax.sharding.Mesh` (axes among data, fsdp, tensor, expert) or a spec string such as "data=2,expert=4":
+    every array is restored straight into its sharding (see `qwen_jax.sharding`).
     """
     path = Path(path)
     read_metadata(path)
     config = load_config(path)
-    params = restore_tree(path / PARAMS_DIR)
+    if mesh is None:
+        params = jax.tree.map(jnp.asarray, restore_tree(path / PARAMS_DIR))
+    else:
+        from qwen_jax.sharding import make_mesh
+
+        mesh = make_mesh(mesh)
+        params = _restore_sharded(path / PARAMS_DIR, config, mesh)
     if dtype is not None:
         params = cast_tree(params, jnp.dtype(dtype))
-    params = jax.tree.map(jnp.asarray, params)
-    return Model(config, params, path)
+    return Model(config, params, path, mesh)
+
+
+def _restore_sharded(directory: Path, config: ModelConfig, mesh: Any) -> Any:
+    import orbax.checkpoint as ocp
+
+    from qwen_jax.model import param_logical_axes
+    from qwen_jax.sharding import param_shardings
+
+    names = param_logical_axes(config.text)
+    if config.vision is not None:
+        from qwen_jax.vision import vision_logical_axes
+
+        names["visual"] = vision_logical_axes(config.vision)
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(directory.absolute()).item_metadata
+
+    def plain(node: Any) -> Any:  # orbax and flax return their own mapping types
+        if isinstance(node, Mapping):
+            return {k: plain(v) for k, v in node.items()}
+        return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype) if hasattr(node, "shape") else node
+
+    stored = plain(getattr(stored, "tree", stored))
+    shardings = param_shardings(stored, names, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(directory.absolute(), target)

@@ -7,6 +7,7 @@ step and a new prompt length rarely recompiles. Padding never reaches the conv o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -132,7 +133,7 @@ def _generate(params, config: TextConfig, prompt: Prompt, settings: GenerationSe
     positions = prompt.next_positions
     seen = _prompt_seen(prompt.ids, prompt.mask, config.vocab_size)
     generated = jnp.zeros_like(seen)
-    done = jnp.zeros((batch,), bool)
+    done = ~jnp.any(prompt.mask.astype(bool), axis=-1)  # rows of padding only are done from the start
     token, seen, generated, done = _choose(logits, seen, generated, done, rng, 0, settings, stop_tokens)
     out = jnp.full((batch, n), settings.pad_token_id, jnp.int32).at[:, 0].set(token)
 
@@ -220,6 +221,13 @@ def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: G
             f"prompt of {longest} tokens + {settings.max_new_tokens} new tokens exceeds the context of {context}"
         )
     length = bucket_length(longest)
+    mesh = getattr(model, "mesh", None)
+    if mesh is not None:  # rows of padding so that the batch splits over the mesh's data axes
+        from qwen_jax.sharding import batch_divisor
+
+        extra = (-ids.shape[0]) % batch_divisor(mesh)
+        ids = np.concatenate([ids, np.zeros((extra, ids.shape[1]), ids.dtype)])
+        mask = np.concatenate([mask, np.zeros((extra, mask.shape[1]), mask.dtype)])
     ids, mask = left_align(ids, mask, length, settings.pad_token_id)
     # mm_token_type_ids are accepted for compatibility with the processor's outputs; the placeholder tokens of the
     # re-aligned ids say the same thing.
@@ -252,8 +260,15 @@ def generate(model: Any, input_ids: Any, attention_mask: Any | None = None, **kw
     """
     vision, kwargs = _split_kwargs(dict(kwargs))
     settings = resolve_settings(model, **kwargs)
-    prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
-    return np.asarray(_generate(model.params, model.config.text, prompt, settings, piece))
+    batch = np.atleast_2d(np.asarray(input_ids)).shape[0]
+    with _mesh_of(model):
+        prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
+        return np.asarray(_generate(model.params, model.config.text, prompt, settings, piece))[:batch]
+
+
+def _mesh_of(model: Any) -> Any:
+    activate = getattr(model, "activate", None)
+    return activate() if activate is not None else contextlib.nullcontext()
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "piece"))
@@ -288,7 +303,13 @@ def stream(
     """Like `generate`, but yields the `[batch]` tokens of each step as they are produced; stops when every row
     has stopped or after max_new_tokens steps. If given, `timings` receives compile_s, prefill_s,
     prefill_tokens_per_s, decode_s and decode_tokens_per_s (per row)."""
+    with _mesh_of(model):
+        yield from _stream(model, input_ids, attention_mask, timings, **kwargs)
+
+
+def _stream(model: Any, input_ids: Any, attention_mask: Any, timings: dict | None, **kwargs: Any):
     timings = {} if timings is None else timings
+    batch = np.atleast_2d(np.asarray(input_ids)).shape[0]
     vision, kwargs = _split_kwargs(dict(kwargs))
     settings = resolve_settings(model, **kwargs)
     prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
@@ -302,12 +323,12 @@ def stream(
     rng = jax.random.key(settings.seed)
     stop_tokens = jnp.asarray(settings.stop_tokens or (-1,), jnp.int32)
     seen = _prompt_seen(ids, mask, config.vocab_size)
-    done = jnp.zeros((ids.shape[0],), bool)
+    done = ~jnp.any(mask.astype(bool), axis=-1)
     token, seen, generated, done = _choose(logits, seen, jnp.zeros_like(seen), done, rng, 0, settings, stop_tokens)
     token = np.asarray(token)
     timings["prefill_s"] = time.perf_counter() - start
     timings["prefill_tokens_per_s"] = int(np.asarray(mask).sum()) / timings["prefill_s"]
-    yield token
+    yield token[:batch]
     state = (cache, jnp.asarray(token), positions, seen, generated, done)
     step_args = (params, *state, rng, jnp.int32(1))
     decode = _compiled(_jit_step, step_args, dict(config=config, settings=settings), timings)
@@ -321,6 +342,6 @@ def stream(
         )
         state = (cache, token, positions + 1, seen, generated, done)
         steps += 1
-        yield np.asarray(token)
+        yield np.asarray(token)[:batch]
     timings["decode_s"] = time.perf_counter() - start
     timings["decode_tokens_per_s"] = steps / timings["decode_s"] if steps else 0.0

@@ -191,3 +191,12 @@ def init_params(config: TextConfig, rng: jax.Array, dtype: Any = jnp.float32) ->
 def param_shapes(config: TextConfig, dtype: Any = jnp.float32) -> Any:
     """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+
+
+def param_logical_axes(config: TextConfig) -> Any:
+    """The parameter tree's logical axis names (tuples per leaf), for `qwen_jax.sharding`."""
+    from qwen_jax.sharding import logical_axes
+
+    ids = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: TextModel(config).init(jax.random.key(0), ids, ids))["params"]
+    return logical_axes(boxed)

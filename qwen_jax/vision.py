@@ -178,10 +178,18 @@ class VisionTower(nn.Module):
         return merged, deepstack
 
 
+def _boxed_vision_params(cfg: VisionConfig, dtype: Any) -> Any:
+    m = cfg.spatial_merge_size
+    pixels = jnp.zeros((m * m, cfg.patch_dim), dtype)
+    return jax.eval_shape(lambda: VisionTower(cfg, dtype).init(jax.random.key(0), pixels, ((1, m, m),)))["params"]
+
+
 def vision_param_shapes(cfg: VisionConfig, dtype: Any = jnp.float32) -> Any:
     """The vision tower's parameter tree as `jax.ShapeDtypeStruct`s."""
-    m = cfg.spatial_merge_size
-    grid = ((1, m, m),)
-    pixels = jnp.zeros((m * m, cfg.patch_dim), dtype)
-    variables = jax.eval_shape(lambda: VisionTower(cfg, dtype).init(jax.random.key(0), pixels, grid))
-    return nn.meta.unbox(variables["params"])
+    return nn.meta.unbox(_boxed_vision_params(cfg, dtype))
+
+
+def vision_logical_axes(cfg: VisionConfig) -> Any:
+    from qwen_jax.sharding import logical_axes
+
+    return logical_axes(_boxed_vision_params(cfg, jnp.float32))

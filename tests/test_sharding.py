@@ -1,0 +1,50 @@
+"""Sharded models on 8 simulated CPU devices (in a subprocess, so the device count is set before jax starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_jax.errors import InputError
+from qwen_jax.sharding import parse_mesh_spec
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "tests" / "scripts" / "sharded_equivalence.py"
+MOE_FAMILIES = ["qwen3_5_moe_fused", "qwen3_next", "qwen3_vl_moe"]
+
+
+@pytest.mark.timeout(900)
+def test_sharded_logits_and_tokens_equal_single_device(built_models):
+    dirs = [str(built_models(name).converted_dir) for name in MOE_FAMILIES]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, str(SCRIPT), *dirs], capture_output=True, text=True, timeout=850, env=env)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert len(lines) == 3 * len(MOE_FAMILIES)
+    for line in lines:
+        assert line["max_abs_diff"] <= line["tolerance"] and line["tokens_equal"] and line["experts_split"], line
+        assert line["bytes_deviation"] <= 0.10, line
+
+
+def test_mesh_spec_errors():
+    assert parse_mesh_spec("data=2, expert=4") == {"data": 2, "expert": 4}
+    for bad, message in [("model=2", "unknown"), ("data=x", "integer"), ("data=2,data=2", "twice"), ("data=0", ">= 1")]:
+        with pytest.raises(InputError, match=message):
+            parse_mesh_spec(bad)
+
+
+def test_experts_not_dividing_the_expert_axis_is_an_error():
+    from qwen_jax.sharding import spec_for
+
+    class FakeMesh:
+        shape = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 3}
+
+    with pytest.raises(InputError, match="4 experts do not divide the expert axis of size 3"):
+        spec_for((4, 8, 16), ("expert", "embed", None), FakeMesh(), "gate_up_proj")
+    # Other dimensions that do not divide are replicated instead.
+    assert tuple(spec_for((5, 8), ("q_heads", None), type("M", (), {"shape": {"tensor": 2}})(), "q")) == (None, None)
