@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import DEEPSTACK_VISION, VL_TEXT, VL_TOKENS, prompt_batch, reference_logits
 from safetensors.numpy import load_file, save_file
+from test_model_parity import assert_logits_match
 
 import qwen_jax
-from conftest import DEEPSTACK_VISION, VL_TEXT, VL_TOKENS, prompt_batch, reference_logits
 from qwen_jax.checkpoint.convert import convert
-from test_model_parity import assert_logits_match
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import VL_FAMILIES, VL_TOKENS, VOCAB
 from test_model_parity import assert_logits_match
 
@@ -112,8 +111,9 @@ def test_placeholder_count_mismatch_is_a_clear_error(built_models):
 
 @pytest.mark.parametrize("name", VL_FAMILIES)
 def test_greedy_generation_with_images_equals_reference(built_models, name):
-    import qwen_jax
     from test_model_parity import RELATIVE_TOLERANCE
+
+    import qwen_jax
 
     built = built_models(name)
     rows = [[("text", 30), ("image", (1, 4, 6)), ("text", 90)], [("text", 8), ("image", (1, 8, 4)), ("text", 20)]]
