@@ -25,6 +25,7 @@ from qwen_jax.checkpoint.format import (
     save_tree,
     set_path,
 )  # fmt: skip
+from qwen_jax.checkpoint.fp8 import SCALE_SUFFIX, DequantizingReader
 from qwen_jax.checkpoint.hf_mapping import apply_rule, keeps_float32, plan
 from qwen_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from qwen_jax.config import load_config
@@ -69,7 +70,7 @@ def convert(
     if dst.exists():
         raise ConversionError(f"{dst} already exists; choose a new destination")
     config = load_config(src)
-    ckpt = SafetensorsCheckpoint(src)
+    ckpt = DequantizingReader(SafetensorsCheckpoint(src))
     version = json.loads((src / "config.json").read_text()).get("transformers_version")
     mapping = plan(config, {k: ckpt.info(k)[1] for k in ckpt.keys()}, expert_layout, version)
     for rule in mapping.rules:
@@ -93,6 +94,7 @@ def convert(
             targets.append({"path": path, "dtype": str(array.dtype), "shape": list(array.shape)})
         sources = [
             {"key": k, "file": ckpt.key_file[k], "dtype": ckpt.info(k)[0], "shape": list(ckpt.info(k)[1])}
+            | ({"fp8_block_scales": k + SCALE_SUFFIX} if k in ckpt.scaled else {})
             for k in rule.sources
         ]
         records.append({"op": rule.op, "sources": sources, "targets": targets})
