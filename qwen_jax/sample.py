@@ -104,7 +104,9 @@ class Session:
         ids, opened = self.prompt_ids(text)
         if self.model is None:
             import qwen_jax
+            from qwen_jax import runtime
 
+            runtime.setup()
             self.model = qwen_jax.load(self.args.ckpt)
         from qwen_jax.generation import stream
 

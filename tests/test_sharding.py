@@ -48,3 +48,19 @@ def test_experts_not_dividing_the_expert_axis_is_an_error():
         spec_for((4, 8, 16), ("expert", "embed", None), FakeMesh(), "gate_up_proj")
     # Other dimensions that do not divide are replicated instead.
     assert tuple(spec_for((5, 8), ("q_heads", None), type("M", (), {"shape": {"tensor": 2}})(), "q")) == (None, None)
+
+
+def test_multi_process_detection(monkeypatch):
+    from qwen_jax import runtime
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS",
+                 "OMPI_COMM_WORLD_SIZE", "MEGASCALE_NUM_SLICES", "TPU_WORKER_HOSTNAMES"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert not runtime.is_multi_process()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0")
+    assert not runtime.is_multi_process()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
+    assert runtime.is_multi_process()
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert runtime.is_multi_process()

@@ -1,0 +1,38 @@
+"""Process-level setup that every entry point does first: JAX's persistent compilation cache (so a second run of
+the same shapes skips XLA compilation) and, on multi-host jobs, `jax.distributed.initialize`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Environment variables that say this process is one of several (set by the launchers that use them).
+_MULTI_PROCESS_HINTS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+_PROCESS_COUNT_HINTS = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_NUM_SLICES")
+
+
+def compilation_cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen_jax" / "xla"
+    return Path(os.environ.get("QWEN_JAX_COMPILATION_CACHE", default))
+
+
+def is_multi_process() -> bool:
+    if any(os.environ.get(name) for name in _MULTI_PROCESS_HINTS):
+        return True
+    if any(int(os.environ.get(name, "1") or 1) > 1 for name in _PROCESS_COUNT_HINTS):
+        return True
+    # TPU pod slices list every worker's host name.
+    return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def setup(cache: bool = True) -> None:
+    """Enable the persistent compilation cache and join a multi-host job when this process is part of one."""
+    import jax
+
+    if cache:
+        directory = compilation_cache_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if is_multi_process() and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
