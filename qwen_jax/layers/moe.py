@@ -34,6 +34,11 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
     return weights, experts
 
 
+# Up to this many token copies (tokens x k), and fewer than the experts held, each copy reads its own expert's
+# weights (decode): the bytes read grow with k, not with the number of experts.
+SMALL_BATCH_COPIES = 64
+
+
 def routed_experts(
     x: jax.Array,
     weights: jax.Array,
@@ -52,17 +57,25 @@ def routed_experts(
     local_experts, _, two_inter = gate_up.shape
     local = experts.reshape(-1) - first_expert
     held = (local >= 0) & (local < local_experts)
-    # Copies for experts held elsewhere sort last, into a group that no matmul reads.
-    local = jnp.where(held, local, local_experts)
-    order = jnp.argsort(local, stable=True)
-    group_sizes = jnp.bincount(local, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    xs = x[order // k]
-    h = jax.lax.ragged_dot(xs, gate_up.astype(x.dtype), group_sizes)
-    h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
-    ys = jax.lax.ragged_dot(h, down.astype(x.dtype), group_sizes)
-    ys = jnp.where(held[order][:, None], ys, 0)
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(tokens, k, -1)
-    return jnp.einsum("tkh,tk->th", y.astype(jnp.float32), weights.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+    gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
+    if tokens * k <= SMALL_BATCH_COPIES and tokens * k < local_experts:
+        index = jnp.where(held, local, 0)
+        pick = lambda w: jnp.stack([jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for i in index])  # noqa: E731
+        copies = jnp.repeat(x, k, axis=0)
+        h = jnp.einsum("nh,nhf->nf", copies, pick(gate_up))
+        h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
+        y = jnp.where(held[:, None], jnp.einsum("ni,nih->nh", h, pick(down)), 0)
+    else:
+        # Copies for experts held elsewhere sort last, into a group that no matmul reads.
+        local = jnp.where(held, local, local_experts)
+        order = jnp.argsort(local, stable=True)
+        group_sizes = jnp.bincount(local, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+        h = jax.lax.ragged_dot(x[order // k], gate_up, group_sizes)
+        h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
+        ys = jnp.where(held[order][:, None], jax.lax.ragged_dot(h, down, group_sizes), 0)
+        y = jnp.zeros_like(ys).at[order].set(ys)
+    y = y.reshape(tokens, k, -1).astype(jnp.float32)
+    return jnp.einsum("tkh,tk->th", y, weights.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
 
 
 GATE_UP_AXES = ("expert", "embed", None)
