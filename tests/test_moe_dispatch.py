@@ -4,7 +4,6 @@ routing, expert subsets (as one device of an expert-parallel mesh holds), and th
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
