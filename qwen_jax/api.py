@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_jax.checkpoint.format import PARAMS_DIR, cast_tree, read_metadata, restore_tree
+from qwen_jax.checkpoint.format import PARAMS_DIR, cast_tree, param_groups, read_metadata, restore_params
 from qwen_jax.config import ModelConfig, load_config
 from qwen_jax.model import forward
 
@@ -106,7 +106,7 @@ def load(path: str | Path, dtype: Any = None, mesh: Any = None) -> Model:
     read_metadata(path)
     config = load_config(path)
     if mesh is None:
-        params = jax.tree.map(jnp.asarray, restore_tree(path / PARAMS_DIR))
+        params = jax.tree.map(jnp.asarray, restore_params(path / PARAMS_DIR))
     else:
         from qwen_jax.sharding import make_mesh
 
@@ -128,16 +128,19 @@ def _restore_sharded(directory: Path, config: ModelConfig, mesh: Any) -> Any:
         from qwen_jax.vision import vision_logical_axes
 
         names["visual"] = vision_logical_axes(config.vision)
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(directory.absolute()).item_metadata
 
-    def plain(node: Any) -> Any:  # orbax and flax return their own mapping types
+    def plain(node: Any) -> Any:  # orbax returns its own mapping types
         if isinstance(node, Mapping):
             return {k: plain(v) for k, v in node.items()}
         return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype) if hasattr(node, "shape") else node
 
-    stored = plain(getattr(stored, "tree", stored))
-    shardings = param_shardings(stored, names, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings)
+    targets = {}
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(directory.absolute(), target)
+        for group in param_groups(directory):
+            stored = checkpointer.metadata((directory / group).absolute()).item_metadata
+            stored = plain(getattr(stored, "tree", stored))
+            shardings = param_shardings(stored, names[group], mesh)
+            targets[group] = jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings
+            )
+    return restore_params(directory, targets)

@@ -188,15 +188,33 @@ def init_params(config: TextConfig, rng: jax.Array, dtype: Any = jnp.float32) ->
     return nn.meta.unbox(variables["params"])
 
 
+def _abstract_params(config: TextConfig, dtype: Any) -> Any:
+    """The boxed (logical-axis) parameter tree as `jax.ShapeDtypeStruct`s, traced once per distinct layer kind so
+    that the cost does not grow with depth."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    key = jax.random.key(0)
+    top_config = config.replace(num_hidden_layers=0, layer_types=(), moe_layers=())
+    tree = dict(jax.eval_shape(lambda: TextModel(top_config, dtype).init(key, ids, ids))["params"])
+    x = jnp.zeros((1, 1, config.hidden_size), dtype)
+    rot = jnp.zeros((1, 1, config.rotary_dim), dtype)
+    bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    kinds: dict = {}
+    for i in range(config.num_hidden_layers):
+        kind = (config.layer_types[i], config.moe_layers[i])
+        if kind not in kinds:
+            layer = DecoderLayer(config, i, dtype)
+            kinds[kind] = jax.eval_shape(lambda: layer.init(key, x, rot, rot, bias, None))["params"]
+        tree[f"layers_{i}"] = kinds[kind]
+    return tree
+
+
 def param_shapes(config: TextConfig, dtype: Any = jnp.float32) -> Any:
     """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+    return nn.meta.unbox(_abstract_params(config, dtype))
 
 
 def param_logical_axes(config: TextConfig) -> Any:
     """The parameter tree's logical axis names (tuples per leaf), for `qwen_jax.sharding`."""
     from qwen_jax.sharding import logical_axes
 
-    ids = jnp.zeros((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda: TextModel(config).init(jax.random.key(0), ids, ids))["params"]
-    return logical_axes(boxed)
+    return logical_axes(_abstract_params(config, jnp.float32))

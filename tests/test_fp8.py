@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from qwen_jax.checkpoint.convert import convert
-from qwen_jax.checkpoint.format import restore_tree
+from qwen_jax.checkpoint.format import restore_params
 from qwen_jax.checkpoint.fp8 import dequantize_blocks
 
 
@@ -63,7 +63,7 @@ def test_quantized_checkpoint_converts_to_dequantized_weights(built_models, tmp_
     (src / "model.safetensors").unlink()
     save_file(quantized, src / "model.safetensors", metadata={"format": "pt"})
     convert(src, tmp_path / "out", log=lambda _: None)
-    params = restore_tree(tmp_path / "out" / "params")
+    params = restore_params(tmp_path / "out" / "params")
     key = "model.layers.0.linear_attn.in_proj_qkv.weight"
     expected = torch_dequantize(quantized[key], quantized[key + "_scale_inv"]).T.astype(ml_dtypes.bfloat16)
     got = params["layers_0"]["linear_attn"]["in_proj_qkv"]["kernel"]

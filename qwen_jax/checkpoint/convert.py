@@ -7,6 +7,8 @@ whole or not at all.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -81,44 +83,47 @@ def convert(
     if mapping.set_aside:
         log(f"note: {len(mapping.set_aside)} vision tensors (model.visual.*) set aside: a text-only config")
 
-    from tqdm import tqdm
-
-    params: dict = {}
-    records = []
-    for rule in tqdm(mapping.rules, desc="converting", unit="tensor", disable=None):
-        arrays = apply_rule(rule, [ckpt.read(k) for k in rule.sources], config.text)
-        targets = []
-        for path, array in zip(rule.targets, arrays):
-            array = array.astype(_target_dtype(path, array.dtype, dtype))
-            set_path(params, path, array)
-            targets.append({"path": path, "dtype": str(array.dtype), "shape": list(array.shape)})
-        sources = [
-            {"key": k, "file": ckpt.key_file[k], "dtype": ckpt.info(k)[0], "shape": list(ckpt.info(k)[1])}
-            | ({"fp8_block_scales": k + SCALE_SUFFIX} if k in ckpt.scaled else {})
-            for k in rule.sources
-        ]
-        records.append({"op": rule.op, "sources": sources, "targets": targets})
     expected = param_shapes(config.text)
     if config.vision is not None:
         from qwen_jax.vision import vision_param_shapes
 
         expected["visual"] = vision_param_shapes(config.vision)
-    _check_against_model(params, expected)
+    groups: dict[str, list] = {}
+    for rule in mapping.rules:  # one group per top-level parameter (a decoder layer, the embedding, ...)
+        groups.setdefault(rule.targets[0].split("/")[0], []).append(rule)
+    missing = sorted(set(expected) - set(groups))
+    if missing:
+        raise ConversionError(f"the checkpoint provides nothing for {', '.join(missing)}")
 
-    mtp: dict = {}
-    for key in mapping.mtp_keys:
-        array = ckpt.read(key)
-        set_path(mtp, key.replace(".", "/"), array.astype(_target_dtype(key, array.dtype, dtype)))
+    from tqdm import tqdm
 
+    total = sum(ckpt.nbytes(k) for k in [*(k for r in mapping.rules for k in r.sources), *mapping.mtp_keys])
+    progress = tqdm(total=total, desc="converting", unit="B", unit_scale=True, unit_divisor=1024, disable=None)
+    records = []
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         for f in sorted(src.iterdir()):
             if f.is_file() and f.suffix != ".safetensors":
                 shutil.copy2(f, tmp / f.name)
-        save_tree(tmp / PARAMS_DIR, params)
+        # One group at a time, so peak memory is about one decoder layer whatever the model's size.
+        for name, rules in groups.items():
+            tree: dict = {}
+            for rule in rules:
+                records.append(_convert_rule(rule, ckpt, config, dtype, tree))
+                progress.update(sum(ckpt.nbytes(k) for k in rule.sources))
+            _check_against_model(tree[name], expected[name], f"{name}/")
+            save_tree(tmp / PARAMS_DIR / name, tree[name])
+            del tree
+            _release_memory()
+        mtp: dict = {}
+        for key in mapping.mtp_keys:
+            array = ckpt.read(key)
+            set_path(mtp, key.replace(".", "/"), array.astype(_target_dtype(key, array.dtype, dtype)))
+            progress.update(ckpt.nbytes(key))
         if mtp:
             save_tree(tmp / MTP_DIR, mtp)
+        progress.close()
         metadata = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -134,9 +139,35 @@ def convert(
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
         os.rename(tmp, dst)
     except BaseException:
+        progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"wrote {dst} ({len(records)} rules, {sum(len(r['targets']) for r in records)} parameters)")
+
+
+def _release_memory() -> None:
+    """Hand freed buffers back to the operating system between groups (glibc keeps them per thread otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _convert_rule(rule, ckpt, config, dtype: str | None, tree: dict) -> dict:
+    """Apply one rule, placing its outputs in `tree`; returns its record for the metadata."""
+    arrays = apply_rule(rule, [ckpt.read(k) for k in rule.sources], config.text)
+    targets = []
+    for path, array in zip(rule.targets, arrays):
+        array = array.astype(_target_dtype(path, array.dtype, dtype), copy=False)
+        set_path(tree, path, array)
+        targets.append({"path": path, "dtype": str(array.dtype), "shape": list(array.shape)})
+    sources = [
+        {"key": k, "file": ckpt.key_file[k], "dtype": ckpt.info(k)[0], "shape": list(ckpt.info(k)[1])}
+        | ({"fp8_block_scales": k + SCALE_SUFFIX} if k in ckpt.scaled else {})
+        for k in rule.sources
+    ]
+    return {"op": rule.op, "sources": sources, "targets": targets}
 
 
 def _check_against_model(params: dict, expected: dict, prefix: str = "") -> None:

@@ -3,8 +3,9 @@
 A model directory holds:
 - `config.json` and the other non-weight files of the source checkpoint (tokenizer, chat template, generation
   config, the safetensors index), copied unchanged;
-- `params/`: an Orbax checkpoint of the parameter tree (paths as in `qwen_jax.model`, e.g.
-  `layers_0/linear_attn/in_proj_qkv/kernel`);
+- `params/<group>/`: one Orbax checkpoint per top-level entry of the parameter tree (`embed_tokens`, `layers_0`,
+  ..., `norm`, `lm_head`, `visual`), paths inside as in `qwen_jax.model` (e.g. `linear_attn/in_proj_qkv/kernel`
+  under `params/layers_0/`); written one group at a time, so converting needs memory for one decoder layer only;
 - `mtp/` (only if the source has `mtp.*` tensors): an Orbax checkpoint of those tensors, unchanged, nested by key;
 - `qwen_jax.json`: `{"format": "qwen-jax", "version": 1, ...}` with, for every conversion rule, its layout op, the
   source keys (file, dtype, shape) and the target paths and dtypes, so an export can rebuild the original files.
@@ -48,6 +49,24 @@ def restore_tree(directory: Path) -> dict:
 
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(directory.absolute())
+
+
+def param_groups(directory: Path) -> list[str]:
+    """The top-level parameter groups saved under a `params/` directory."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.is_dir())
+
+
+def restore_params(directory: Path, targets: dict | None = None) -> dict:
+    """The whole parameter tree from `params/`; `targets` (per group, a tree of `jax.ShapeDtypeStruct` with
+    shardings) restores each array straight into its sharding."""
+    import orbax.checkpoint as ocp
+
+    tree = {}
+    with ocp.StandardCheckpointer() as checkpointer:
+        for group in param_groups(directory):
+            path = (Path(directory) / group).absolute()
+            tree[group] = checkpointer.restore(path, None if targets is None else targets[group])
+    return tree
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -48,6 +48,10 @@ class DequantizingReader:
         dtype, shape = self.checkpoint.info(key)
         return ("BF16" if key in self.scaled else dtype), shape
 
+    def nbytes(self, key: str) -> int:
+        scales = self.checkpoint.nbytes(key + SCALE_SUFFIX) if key in self.scaled else 0
+        return self.checkpoint.nbytes(key) + scales
+
     def read(self, key: str) -> np.ndarray:
         weight = self.checkpoint.read(key)
         if key not in self.scaled:

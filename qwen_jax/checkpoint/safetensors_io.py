@@ -1,8 +1,8 @@
 """Read-only access to safetensors files (one file, or shards listed by `model.safetensors.index.json`).
 
-A small reader of the format itself (8-byte header length, JSON header, raw little-endian data), memory-mapped, so
-bfloat16 arrives as `ml_dtypes.bfloat16` and a truncated or malformed file is reported by name before any tensor
-is read.
+A small reader of the format itself (8-byte header length, JSON header, raw little-endian data), so bfloat16 arrives
+as `ml_dtypes.bfloat16` and a truncated or malformed file is reported by name before any tensor is read. Each tensor
+is read into its own buffer (no memory map), so memory holds only the tensors in use, whatever the file's size.
 """
 
 from __future__ import annotations
@@ -58,15 +58,15 @@ class _File:
                 raise SafetensorsError(
                     f"{path.name}: truncated (tensor {key} ends at byte {end} of the data, which has {data_size})"
                 )
-        self._map = None
-
     def read(self, key: str) -> np.ndarray:
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         e = self.entries[key]
         begin, end = e["data_offsets"]
-        raw = self._map[self.data_start + begin : self.data_start + end]
-        return np.asarray(raw.view(DTYPES[e["dtype"]]).reshape(e["shape"]))
+        dtype = np.dtype(DTYPES[e["dtype"]])
+        count = (end - begin) // dtype.itemsize
+        array = np.fromfile(self.path, dtype=dtype, count=count, offset=self.data_start + begin)
+        if array.size != count:
+            raise SafetensorsError(f"{self.path.name}: truncated while reading {key}")
+        return array.reshape(e["shape"])
 
 
 class SafetensorsCheckpoint:
@@ -111,3 +111,7 @@ class SafetensorsCheckpoint:
 
     def read(self, key: str) -> np.ndarray:
         return self.files[self.key_file[key]].read(key)
+
+    def nbytes(self, key: str) -> int:
+        begin, end = self.files[self.key_file[key]].entries[key]["data_offsets"]
+        return end - begin
