@@ -38,8 +38,8 @@ def left_padded_prompts(seed: int, lengths=(5, 130, 260)) -> tuple[np.ndarray, n
 @pytest.mark.parametrize("name", ["qwen3_5_moe_per_expert", "qwen3_next", "qwen3_5_dense"])
 def test_greedy_tokens_equal_reference(built_models, name):
     built = built_models(name)
-    # Seed 12: the reference has no near-tie in these 40 steps for any row of the three families (all cut points 40).
-    ids, mask = left_padded_prompts(seed=12)
+    # Seed 0: cut points (moe, next, dense) = [40, 40, 40], [40, 40, 40], [40, 40, 31]: every row compares >= 31.
+    ids, mask = left_padded_prompts(seed=0)
     ours = qwen_jax.generate(built.model, ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=0)
     with torch.no_grad():
         ref = built.reference.generate(

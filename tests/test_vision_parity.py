@@ -117,8 +117,8 @@ def test_greedy_generation_with_images_equals_reference(built_models, name):
 
     built = built_models(name)
     rows = [[("text", 30), ("image", (1, 4, 6)), ("text", 90)], [("text", 8), ("image", (1, 8, 4)), ("text", 20)]]
-    # Seed 12: no near-tie in the reference's 40 steps for any row of the four families (all cut points 40).
-    inputs = batch_inputs(seed=12, rows=rows)
+    # Seed 1: no near-tie in the reference's 40 steps for any row of the four families (all cut points 40).
+    inputs = batch_inputs(seed=1, rows=rows)
     new = 40
     with torch.no_grad():
         tensors = {k: torch.from_numpy(v) for k, v in inputs.items() if v is not None}
