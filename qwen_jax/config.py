@@ -16,6 +16,8 @@ from qwen_jax.errors import InputError
 
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
+# Legacy layer type names the reference renames on load (`_LEGACY_LAYER_TYPE_REMAP` in `configuration_utils`).
+_LEGACY_LAYER_TYPES = {"mamba": LINEAR_ATTENTION, "attention": FULL_ATTENTION}
 
 
 class ConfigError(InputError):
@@ -262,10 +264,9 @@ def _parse_rope(
     section = None
     if default_section is not None:
         section = tuple(int(s) for s in params.get("mrope_section", default_section))
-        if len(section) != 3 or sum(section) != rotary_dim // 2:
-            raise ConfigError(
-                f"mrope_section {list(section)} must have 3 entries summing to rotary_dim/2 = {rotary_dim // 2}"
-            )
+        # The reference assigns slots by the interleave rule whatever the sum (slots past rotary_dim / 2 do not exist).
+        if len(section) != 3 or min(section) < 0:
+            raise ConfigError(f"mrope_section {list(section)} must have 3 non-negative entries")
     fields: dict[str, Any] = dict(theta=float(theta), partial_rotary_factor=float(partial), mrope_section=section)
     if rope_type == "yarn":
         if params.get("factor") is None:
@@ -302,7 +303,7 @@ def parse_text_config(raw: dict[str, Any], model_type: str, tie_word_embeddings:
     if layer_types is None:
         interval = 1 if vl else (_int(d, "full_attention_interval") if "full_attention_interval" in d else 4)
         layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION for i in range(n_layers)]
-    layer_types = tuple(layer_types)
+    layer_types = tuple(_LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types)
     if len(layer_types) != n_layers:
         raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {n_layers}")
     unknown = sorted(set(layer_types) - {LINEAR_ATTENTION, FULL_ATTENTION})

@@ -123,3 +123,28 @@ def test_rotary_tables(built_models, name):
     # Both sides form the same float32 angles; only the cos/sin implementations differ (~1e-7).
     np.testing.assert_allclose(np.asarray(cos), ref_cos, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(sin), ref_sin, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("section", [None, [3, 3, 2], [1, 2, 1]])
+def test_mrope_sections_that_do_not_fill_the_slots(section):
+    """The reference applies the interleave rule whatever the section's sum (default [11, 11, 10] with a small head);
+    so do we."""
+    import transformers
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
+
+    from qwen_jax.config import parse_config
+
+    rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}
+    if section is not None:
+        rope["mrope_section"] = section
+    raw = dict(model_type="qwen3_5_text", head_dim=32, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               rope_parameters=rope)  # fmt: skip
+    reference = Qwen3_5TextRotaryEmbedding(
+        transformers.Qwen3_5TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    )
+    positions = np.random.default_rng(0).integers(0, 500, size=(3, 1, 20))
+    ref_cos, ref_sin = (t.numpy() for t in reference(torch.zeros(1), torch.from_numpy(positions)))
+    config = parse_config(raw).text
+    cos, sin = rotary_tables(jnp.asarray(positions), config.rope, config.head_dim, jnp.float32)
+    np.testing.assert_allclose(np.asarray(cos), ref_cos, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(sin), ref_sin, atol=1e-5, rtol=0)

@@ -58,12 +58,13 @@ def unit_lower_triangular_inverse(a: jax.Array) -> jax.Array:
     n = a.shape[-1]
     if n <= _BASE_BLOCK:
         eye = jnp.eye(n, dtype=a.dtype)
-        inv = jnp.broadcast_to(eye, a.shape)
-        for i in range(1, n):
+
+        def substitute(i, inv):
             # Row i of the inverse: e_i - sum_{j<i} a[i, j] inv[j]; rows >= i of inv do not contribute (a[i, j>=i] = 0).
-            row = eye[i] - _mm("...j,...jk->...k", a[..., i, :], inv)
-            inv = inv.at[..., i, :].set(row)
-        return inv
+            row = eye[i] - _mm("...j,...jk->...k", jnp.take(a, i, axis=-2), inv)
+            return jax.lax.dynamic_update_index_in_dim(inv, row, i, axis=-2)
+
+        return jax.lax.fori_loop(1, n, substitute, jnp.broadcast_to(eye, a.shape))
     h = n // 2
     x, y, z = a[..., :h, :h], a[..., h:, :h], a[..., h:, h:]
     if n % 2 == 0:

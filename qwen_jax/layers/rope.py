@@ -19,9 +19,10 @@ from qwen_jax.config import RopeConfig, yarn_attention_factor
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
     """The `[rotary_dim / 2]` float32 inverse frequencies and the cos/sin scale (1 unless YaRN)."""
     dim = int(head_dim * rope.partial_rotary_factor)
-    # float32 throughout, as the reference computes them.
+    # float32 throughout, as the reference computes them; the power itself in float64, rounded once to float32: the
+    # reference's float32 pow is accurate to about half an ulp, numpy's float32 power is not (up to 2-3 ulp apart).
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    pos_freqs = np.power(np.float32(rope.theta), exponents, dtype=np.float32)
+    pos_freqs = np.power(np.float64(rope.theta), exponents.astype(np.float64)).astype(np.float32)
     inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
     if rope.rope_type != "yarn":
         return inv_freq, 1.0
