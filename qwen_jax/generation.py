@@ -238,7 +238,8 @@ def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: G
         model.params, model.config, ids, vision.get("pixel_values"), vision.get("image_grid_thw"),
         vision.get("pixel_values_videos"), vision.get("video_grid_thw"),
     )  # fmt: skip
-    prompt = Prompt(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions), jnp.asarray(next_positions), visual)
+    # Host arrays: under jit they count as replicated inputs, also on multi-host meshes.
+    prompt = Prompt(ids, mask, np.asarray(positions), np.asarray(next_positions), visual)
     return prompt, min(length, PREFILL_CHUNK)
 
 
@@ -263,7 +264,16 @@ def generate(model: Any, input_ids: Any, attention_mask: Any | None = None, **kw
     batch = np.atleast_2d(np.asarray(input_ids)).shape[0]
     with _mesh_of(model):
         prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
-        return np.asarray(_generate(model.params, model.config.text, prompt, settings, piece))[:batch]
+        return to_host(_generate(model.params, model.config.text, prompt, settings, piece))[:batch]
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A numpy copy of x, gathered from every process when x spans several."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _mesh_of(model: Any) -> Any:
@@ -325,7 +335,7 @@ def _stream(model: Any, input_ids: Any, attention_mask: Any, timings: dict | Non
     seen = _prompt_seen(ids, mask, config.vocab_size)
     done = ~jnp.any(mask.astype(bool), axis=-1)
     token, seen, generated, done = _choose(logits, seen, jnp.zeros_like(seen), done, rng, 0, settings, stop_tokens)
-    token = np.asarray(token)
+    token = to_host(token)
     timings["prefill_s"] = time.perf_counter() - start
     timings["prefill_tokens_per_s"] = int(np.asarray(mask).sum()) / timings["prefill_s"]
     yield token[:batch]
@@ -342,6 +352,6 @@ def _stream(model: Any, input_ids: Any, attention_mask: Any, timings: dict | Non
         )
         state = (cache, token, positions + 1, seen, generated, done)
         steps += 1
-        yield np.asarray(token)[:batch]
+        yield to_host(token)[:batch]
     timings["decode_s"] = time.perf_counter() - start
     timings["decode_tokens_per_s"] = steps / timings["decode_s"] if steps else 0.0

@@ -1,5 +1,9 @@
 """Process-level setup that every entry point does first: JAX's persistent compilation cache (so a second run of
-the same shapes skips XLA compilation) and, on multi-host jobs, `jax.distributed.initialize`."""
+the same shapes skips XLA compilation) and, on multi-host jobs, `jax.distributed.initialize`.
+
+A job is multi-host when its launcher says so: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` and
+`JAX_PROCESS_ID`), SLURM / Open MPI task counts, or several TPU worker host names.
+"""
 
 from __future__ import annotations
 
@@ -35,4 +39,13 @@ def setup(cache: bool = True) -> None:
         jax.config.update("jax_compilation_cache_dir", str(directory))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if is_multi_process() and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        # CPU processes exchange collectives over gloo (accelerators use their own interconnect).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Explicit coordinates when the launcher gives them; otherwise JAX detects the cluster (TPU, SLURM, MPI).
+        address = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS")
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=None if count is None else int(count),
+            process_id=None if index is None else int(index),
+        )
