@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qwen_jax.chat import THINK_CLOSE, THINK_OPEN, ChatTokenizer, split_thinking
-from qwen_jax.errors import InputError
+from qwen_jax.errors import InputError, OneLineArgumentParser
 
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
@@ -33,14 +33,8 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None, lo
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m qwen_jax.sample", description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(prog="python -m qwen_jax.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=Path, help="converted model directory (default: the embedded demo model)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")

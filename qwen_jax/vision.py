@@ -71,9 +71,9 @@ def rotary_tables(grid: Grid, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray
     """2D axial rotary cos/sin `[patches, head_dim]` (float32): a quarter of the head rotates with the row, a quarter
     with the column, doubled as `cat(f, f)`."""
     quarter = cfg.head_dim // 2
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, quarter, 2, dtype=np.float32) / quarter))).astype(
-        np.float32
-    )
+    # The power in float64, rounded once to float32 (closer to the reference's float32 pow than numpy's float32 one).
+    exponents = (np.arange(0, quarter, 2, dtype=np.float32) / np.float32(quarter)).astype(np.float64)
+    inv_freq = (np.float32(1.0) / np.power(np.float64(cfg.rope_theta), exponents).astype(np.float32)).astype(np.float32)
     rows, cols = _patch_rows_cols(grid, cfg.spatial_merge_size)
     freqs = np.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=-1).astype(np.float32)
     emb = np.concatenate([freqs, freqs], axis=-1)

@@ -7,7 +7,6 @@ By default every tensor keeps its source dtype; `A_log`, `dt_bias` and norm weig
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from qwen_jax.errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
     parser.add_argument("dst", help="output model directory (must not exist)")
     parser.add_argument(
