@@ -205,7 +205,9 @@ def resolve_settings(
     return GenerationSettings(sampling, n, stop, int(pad), int(seed))
 
 
-def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: GenerationSettings, vision: dict):
+def _prepare_prompt(
+    model: Any, input_ids: Any, attention_mask: Any, settings: GenerationSettings, vision: dict, chunk: int
+):
     from qwen_jax.multimodal import positions_for, visual_inputs
 
     ids = np.asarray(input_ids, np.int64)
@@ -220,7 +222,9 @@ def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: G
         raise InputError(
             f"prompt of {longest} tokens + {settings.max_new_tokens} new tokens exceeds the context of {context}"
         )
-    length = bucket_length(longest)
+    if chunk < 1 or chunk & (chunk - 1):
+        raise InputError(f"prefill_chunk must be a power of two, got {chunk}")
+    length = bucket_length(longest, chunk)
     mesh = getattr(model, "mesh", None)
     if mesh is not None:  # rows of padding so that the batch splits over the mesh's data axes
         from qwen_jax.sharding import batch_divisor
@@ -240,7 +244,7 @@ def _prepare_prompt(model: Any, input_ids: Any, attention_mask: Any, settings: G
     )  # fmt: skip
     # Host arrays: under jit they count as replicated inputs, also on multi-host meshes.
     prompt = Prompt(ids, mask, np.asarray(positions), np.asarray(next_positions), visual)
-    return prompt, min(length, PREFILL_CHUNK)
+    return prompt, min(length, chunk)
 
 
 VISION_ARGUMENTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
@@ -256,14 +260,17 @@ def generate(model: Any, input_ids: Any, attention_mask: Any | None = None, **kw
 
     input_ids `[batch, seq]` (or `[seq]`); attention_mask marks real tokens (any padding side). Keyword arguments:
     max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, eos_token_id (int or
-    list), pad_token_id, seed (see `resolve_settings`); and for vision-language models pixel_values,
-    image_grid_thw, pixel_values_videos, video_grid_thw, mm_token_type_ids as the processor makes them.
+    list), pad_token_id, seed (see `resolve_settings`); prefill_chunk (a power of two, default 256: the prompt
+    runs through in pieces of this many slots, so its memory is that of one piece); and for vision-language models
+    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mm_token_type_ids as the processor makes
+    them.
     """
     vision, kwargs = _split_kwargs(dict(kwargs))
+    chunk = int(kwargs.pop("prefill_chunk", PREFILL_CHUNK))
     settings = resolve_settings(model, **kwargs)
     batch = np.atleast_2d(np.asarray(input_ids)).shape[0]
     with _mesh_of(model):
-        prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
+        prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision, chunk)
         return to_host(_generate(model.params, model.config.text, prompt, settings, piece))[:batch]
 
 
@@ -321,8 +328,9 @@ def _stream(model: Any, input_ids: Any, attention_mask: Any, timings: dict | Non
     timings = {} if timings is None else timings
     batch = np.atleast_2d(np.asarray(input_ids)).shape[0]
     vision, kwargs = _split_kwargs(dict(kwargs))
+    chunk = int(kwargs.pop("prefill_chunk", PREFILL_CHUNK))
     settings = resolve_settings(model, **kwargs)
-    prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision)
+    prompt, piece = _prepare_prompt(model, input_ids, attention_mask, settings, vision, chunk)
     ids, mask = prompt.ids, prompt.mask
     config, params = model.config.text, model.params
     max_len = ids.shape[1] + settings.max_new_tokens

@@ -182,3 +182,14 @@ def test_right_padded_prompts_generate_as_left_padded(built_models):
     left = qwen_jax.generate(model, ids, mask, max_new_tokens=8, pad_token_id=0)
     right = qwen_jax.generate(model, right_ids, right_mask, max_new_tokens=8, pad_token_id=0)
     np.testing.assert_array_equal(left, right)
+
+
+def test_prefill_chunk_size_does_not_change_tokens(built_models):
+    """A 260-token prompt prefilled in pieces of 32 or 64 slots (state carried across) generates what one 512-slot
+    piece does."""
+    model = built_models("qwen3_5_moe_per_expert").model
+    ids, mask = left_padded_prompts(seed=12)
+    whole = qwen_jax.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0, prefill_chunk=512)
+    for chunk in (32, 64):
+        pieces = qwen_jax.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0, prefill_chunk=chunk)
+        np.testing.assert_array_equal(pieces, whole)
