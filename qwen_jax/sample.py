@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from qwen_jax.chat import THINK_CLOSE, THINK_OPEN, ChatTokenizer, split_thinking
 from qwen_jax.errors import InputError, OneLineArgumentParser
 
@@ -40,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     source.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")
+    p.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
+                   help="an image to ask about (repeatable; vision-language checkpoints)")
+    p.add_argument("--video", action="append", default=[], type=Path, metavar="PATH",
+                   help="a video file, or a folder of frames at 2 fps (repeatable)")
     p.add_argument("--max-new-tokens", type=_bounded(int, 1), default=None)
     p.add_argument("--temperature", type=_bounded(float, 0.0), default=None, help="0 = greedy")
     p.add_argument("--top-k", type=_bounded(int, 0), default=None)
@@ -73,10 +79,56 @@ def _check_checkpoint(path: Path | None) -> Path:
 class Session:
     """A loaded model, its tokenizer, and the conversation so far."""
 
-    def __init__(self, args: argparse.Namespace, tokenizer: ChatTokenizer, context: int):
-        self.args, self.tokenizer, self.context = args, tokenizer, context
+    def __init__(self, args: argparse.Namespace, tokenizer: ChatTokenizer, config: Any):
+        self.args, self.tokenizer, self.config = args, tokenizer, config
+        self.context = config.text.max_position_embeddings
         self.messages: list[dict] = []
         self.model: Any = None
+        self.vision, self.timestamps = self._vision_inputs()
+
+    def _vision_inputs(self) -> tuple[dict, list]:
+        """Pixel values and grids of --image / --video (they belong to the first turn and stay in the history)."""
+        a = self.args
+        if not a.image and not a.video:
+            return {}, []
+        if self.config.vision is None:
+            raise InputError(f"--image / --video need a vision-language checkpoint; this is {self.config.model_type}")
+        from qwen_jax.processing import ProcessorConfig, load_video, preprocess_images, preprocess_video
+
+        settings = ProcessorConfig.from_dir(a.ckpt)
+        vision: dict = {}
+        if a.image:
+            vision["pixel_values"], vision["image_grid_thw"] = preprocess_images(a.image, **settings.image.kwargs())
+        stamps = []
+        if a.video:
+            clips = [preprocess_video(*load_video(path), **settings.video.kwargs()) for path in a.video]
+            vision["pixel_values_videos"] = np.concatenate([c[0] for c in clips])
+            vision["video_grid_thw"] = np.concatenate([c[1] for c in clips])
+            stamps = [c[2] for c in clips]
+        return vision, stamps
+
+    def _user_message(self, text: str) -> dict:
+        if self.messages or not self.vision:  # media go with the first turn
+            return {"role": "user", "content": text}
+        items = [{"type": "image"}] * len(self.args.image) + [{"type": "video"}] * len(self.args.video)
+        return {"role": "user", "content": [*items, {"type": "text", "text": text}]}
+
+    def _with_media(self, rendered: str) -> str:
+        """Expand the image / video placeholders to one per vision token, as the reference processor does."""
+        if not self.vision:
+            return rendered
+        from qwen_jax.processing import VisionTokens, expand_vision_placeholders
+
+        if self.args.no_chat:
+            tokens = VisionTokens()
+            rendered = "".join(
+                [tokens.vision_start + tokens.image + tokens.vision_end] * len(self.args.image)
+                + [tokens.vision_start + tokens.video + tokens.vision_end] * len(self.args.video)
+            ) + rendered
+        return expand_vision_placeholders(
+            rendered, self.vision.get("image_grid_thw"), self.vision.get("video_grid_thw"), self.timestamps,
+            self.config.vision.spatial_merge_size,
+        )  # fmt: skip
 
     def prompt_ids(self, text: str) -> tuple[list[int], bool]:
         """Token ids of the next prompt, and whether the rendered prompt leaves a `<think>` block open."""
@@ -86,9 +138,9 @@ class Session:
             rendered = text
         else:
             rendered = self.tokenizer.render(
-                [*self.messages, {"role": "user", "content": text}], enable_thinking=self.args.thinking
+                [*self.messages, self._user_message(text)], enable_thinking=self.args.thinking
             )
-        ids = self.tokenizer.encode(rendered)
+        ids = self.tokenizer.encode(self._with_media(rendered))
         if len(ids) >= self.context:
             raise InputError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.context}")
         opened = rendered.rstrip().endswith(THINK_OPEN) and THINK_CLOSE not in rendered[rendered.rfind(THINK_OPEN) :]
@@ -124,7 +176,7 @@ class Session:
         in_thinking = opened
         if in_thinking and not a.json:
             write("[thinking]\n")
-        for token in stream(self.model, [ids], timings=timings, **kwargs):
+        for token in stream(self.model, [ids], timings=timings, **kwargs, **self.vision):
             token = int(token[0])
             if token in kwargs.get("eos_token_id", ()):
                 break
@@ -144,7 +196,7 @@ class Session:
         thinking, answer = split_thinking(text_out, opened)
         if not a.json:
             write("\n")
-        self.messages += [{"role": "user", "content": text},
+        self.messages += [self._user_message(text),
                           {"role": "assistant", "content": answer, "reasoning_content": thinking or None}]  # fmt: skip
         return {"tokens": tokens, "text": text_out, "thinking": thinking, "answer": answer, "timings": timings}
 
@@ -154,9 +206,8 @@ def run(args: argparse.Namespace) -> int:
     args.ckpt = ckpt
     from qwen_jax.config import load_config
 
-    context = load_config(ckpt).text.max_position_embeddings
     tokenizer = ChatTokenizer(ckpt)
-    session = Session(args, tokenizer, context)
+    session = Session(args, tokenizer, load_config(ckpt))
 
     def write(text: str) -> None:
         sys.stdout.write(text)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_chat import write_chat_files
 
@@ -95,3 +96,63 @@ def test_bad_input_fails_with_one_line_before_importing_jax(chat_model_dir, tmp_
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
     assert not imported_jax
+
+
+@pytest.fixture(scope="module")
+def vl_chat_model_dir(built_models, tmp_path_factory) -> Path:
+    """The tiny Qwen3.5 vision-language model with a tokenizer whose vision tokens have the config's ids."""
+    from test_chat import TEMPLATE
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory = tmp_path_factory.mktemp("vlcli") / "model"
+    shutil.copytree(built_models("qwen3_5_vl").converted_dir, directory)
+    words = ["[UNK]", "what", "is", "in", "the", "picture", "user", "assistant"]
+    words += [f"w{i}" for i in range(290 - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
+                            "<|im_end|>"])  # fmt: skip  (ids 290..295, as the config's image/video/start/end ids)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))
+    return directory
+
+
+def test_image_prompt_equals_generate_with_processed_image(vl_chat_model_dir, tmp_path):
+    from PIL import Image
+
+    from qwen_jax.processing import expand_vision_placeholders, preprocess_images
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    result = run_cli("--ckpt", str(vl_chat_model_dir), "--prompt", "what is in the picture", "--image", str(image),
+                     "--max-new-tokens", "5", "--no-thinking", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    tokenizer = ChatTokenizer(vl_chat_model_dir)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture"}]}
+    pixel_values, grid = preprocess_images([image])
+    prompt = expand_vision_placeholders(tokenizer.render([message], enable_thinking=False), grid)
+    ids = tokenizer.encode(prompt)
+    assert ids.count(290) == int(grid.prod() // 4)  # one image token per merged patch
+    model = qwen_jax.load(vl_chat_model_dir)
+    stop = [tokenizer.token_id("<|im_end|>")]
+    expected = qwen_jax.generate(model, [ids], max_new_tokens=5, eos_token_id=stop, pixel_values=pixel_values,
+                                 image_grid_thw=grid)[0]  # fmt: skip
+    end = next((i for i, t in enumerate(expected) if t in stop), len(expected))
+    assert reply["tokens"] == expected[:end].tolist()
+
+
+def test_bad_media_fail_before_importing_jax(vl_chat_model_dir, chat_model_dir, tmp_path):
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    empty = tmp_path / "frames"
+    empty.mkdir()
+    for args, message in [
+        (["--ckpt", str(vl_chat_model_dir), "--prompt", "hi", "--image", str(corrupt)], "broken.png"),
+        (["--ckpt", str(vl_chat_model_dir), "--prompt", "hi", "--video", str(empty)], "frames"),
+        (["--ckpt", str(chat_model_dir), "--prompt", "hi", "--image", str(corrupt)], "vision-language checkpoint"),
+    ]:
+        code, stderr, imported_jax = bad_invocation(*args)
+        lines = stderr.strip().splitlines()
+        assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
+        assert not imported_jax
