@@ -61,12 +61,6 @@ def position_interpolation(grid: Grid, cfg: VisionConfig) -> tuple[np.ndarray, n
     return indices.astype(np.int32), weights
 
 
-def frame_segments(grid: Grid) -> np.ndarray:
-    """Segment id of every patch: attention only runs within a frame (one temporal patch of one image/video)."""
-    sizes = [h * w for t, h, w in grid for _ in range(t)]
-    return np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
-
-
 def rotary_tables(grid: Grid, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
     """2D axial rotary cos/sin `[patches, head_dim]` (float32): a quarter of the head rotates with the row, a quarter
     with the column, doubled as `cat(f, f)`."""
@@ -81,20 +75,28 @@ def rotary_tables(grid: Grid, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray
 
 
 class VisionAttention(nn.Module):
+    """Full attention within each frame: the patches of grid entry (t, h, w) are t frames of h * w patches, attended
+    to as a batch of t, so memory grows with the frame size, not with the number of patches in the call."""
+
     cfg: VisionConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, grid: Grid) -> jax.Array:
         n, d = x.shape
         heads = self.cfg.num_heads
         qkv = Linear(3 * d, ("vit_embed", "vit_qkv"), name="qkv", dtype=self.dtype, use_bias=True)(x)
         q, k, v = jnp.moveaxis(qkv.reshape(n, 3, heads, d // heads), 1, 0)
         # Rotary in float32 on [1, n, heads, dim].
         q, k = (apply_rotary(t[None].astype(jnp.float32), cos[None], sin[None])[0].astype(x.dtype) for t in (q, k))
-        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * (d // heads) ** -0.5
-        probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
-        out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, d)
+        outputs, start = [], 0
+        for t, h, w in grid:
+            frames = [a[start : start + t * h * w].reshape(t, h * w, heads, d // heads) for a in (q, k, v)]
+            scores = jnp.einsum("fqhd,fkhd->fhqk", frames[0], frames[1], preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(scores * (d // heads) ** -0.5, axis=-1).astype(v.dtype)
+            outputs.append(jnp.einsum("fhqk,fkhd->fqhd", probs, frames[2]).reshape(t * h * w, d))
+            start += t * h * w
+        out = jnp.concatenate(outputs)
         return Linear(d, ("vit_qkv", "vit_embed"), name="proj", dtype=self.dtype, use_bias=True)(out)
 
 
@@ -115,10 +117,10 @@ class VisionBlock(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias):
+    def __call__(self, x, cos, sin, grid):
         norm = dict(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)
         attention = VisionAttention(self.cfg, self.dtype, name="attn")
-        x = x + attention(nn.LayerNorm(**norm, name="norm1")(x), cos, sin, bias)
+        x = x + attention(nn.LayerNorm(**norm, name="norm1")(x), cos, sin, grid)
         return x + VisionMLP(self.cfg, self.dtype, name="mlp")(nn.LayerNorm(**norm, name="norm2")(x))
 
 
@@ -165,11 +167,9 @@ class VisionTower(nn.Module):
         pos = jnp.einsum("nkd,nk->nd", table[jnp.asarray(indices)], jnp.asarray(weights, table.dtype))
         x = x + pos.astype(x.dtype)
         cos, sin = (jnp.asarray(t) for t in rotary_tables(grid, c))
-        segments = jnp.asarray(frame_segments(grid))
-        bias = jnp.where(segments[:, None] == segments[None, :], 0.0, jnp.finfo(jnp.float32).min)
         deepstack = []
         for j in range(c.depth):
-            x = VisionBlock(c, self.dtype, name=f"blocks_{j}")(x, cos, sin, bias)
+            x = VisionBlock(c, self.dtype, name=f"blocks_{j}")(x, cos, sin, grid)
             if j in c.deepstack_visual_indexes:
                 k = c.deepstack_visual_indexes.index(j)
                 deepstack.append(PatchMerger(c, True, self.dtype, name=f"deepstack_merger_list_{k}")(x))
