@@ -148,3 +148,21 @@ def test_mrope_sections_that_do_not_fill_the_slots(section):
     cos, sin = rotary_tables(jnp.asarray(positions), config.rope, config.head_dim, jnp.float32)
     np.testing.assert_allclose(np.asarray(cos), ref_cos, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(sin), ref_sin, atol=1e-5, rtol=0)
+
+
+def test_init_params_follow_the_reference_initialization(built_models):
+    """Random parameters have the converted checkpoint's tree and shapes, and the reference's init conventions:
+    zero-centred norms start at 0, the gated norm at 1, dt_bias at 1, A_log = log U(0.01, 16)."""
+    import jax
+
+    from qwen_jax.model import init_params
+
+    model = built_models("qwen3_5_moe_per_expert").model
+    params = init_params(model.config.text, jax.random.key(0))
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+    assert shapes(params) == shapes(model.params)
+    delta = params["layers_0"]["linear_attn"]
+    assert not np.asarray(params["layers_0"]["input_layernorm"]["weight"]).any()
+    assert (np.asarray(delta["norm"]["weight"]) == 1).all() and (np.asarray(delta["dt_bias"]) == 1).all()
+    a = np.exp(np.asarray(delta["A_log"]))
+    assert ((a >= 0.01) & (a <= 16)).all()
