@@ -133,7 +133,9 @@ def convert(
             "source_index": ckpt.index_file,
             "source_files": {name: f.metadata for name, f in ckpt.files.items()},
             "tensors": records,
-            "mtp": {"dir": MTP_DIR, "keys": mapping.mtp_keys} if mtp else None,
+            "mtp": {"dir": MTP_DIR, "keys": mapping.mtp_keys, "sources": [_source(k, ckpt) for k in mapping.mtp_keys]}
+            if mtp
+            else None,
             "set_aside": mapping.set_aside,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
@@ -162,12 +164,14 @@ def _convert_rule(rule, ckpt, config, dtype: str | None, tree: dict) -> dict:
         array = array.astype(_target_dtype(path, array.dtype, dtype), copy=False)
         set_path(tree, path, array)
         targets.append({"path": path, "dtype": str(array.dtype), "shape": list(array.shape)})
-    sources = [
-        {"key": k, "file": ckpt.key_file[k], "dtype": ckpt.info(k)[0], "shape": list(ckpt.info(k)[1])}
-        | ({"fp8_block_scales": k + SCALE_SUFFIX} if k in ckpt.scaled else {})
-        for k in rule.sources
-    ]
-    return {"op": rule.op, "sources": sources, "targets": targets}
+    return {"op": rule.op, "sources": [_source(k, ckpt) for k in rule.sources], "targets": targets}
+
+
+def _source(key: str, ckpt) -> dict:
+    """The metadata record of one source tensor: its key, file, dtype and shape."""
+    dtype, shape = ckpt.info(key)
+    record = {"key": key, "file": ckpt.key_file[key], "dtype": dtype, "shape": list(shape)}
+    return record | ({"fp8_block_scales": key + SCALE_SUFFIX} if key in ckpt.scaled else {})
 
 
 def _check_against_model(params: dict, expected: dict, prefix: str = "") -> None:

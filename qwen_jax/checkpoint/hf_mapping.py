@@ -6,7 +6,7 @@ paths through which layout op. Every layout that exists in practice maps onto on
 - Qwen3-Next fused `in_proj_qkvz` / `in_proj_ba` (grouped per key head) -> split `in_proj_qkv, z, b, a`;
 - per-expert `experts.{e}.{gate,up,down}_proj.weight` or fused `experts.gate_up_proj [E, 2I, H]`,
   `experts.down_proj [E, H, I]` -> `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`.
-The ops are plain numpy so that an exporter can invert them from the same rules.
+The ops are plain numpy, each with its inverse (`OPS`), so the exporter reads the same rules backwards.
 """
 
 from __future__ import annotations
@@ -63,15 +63,45 @@ def _split_ba(w: np.ndarray, c: TextConfig) -> list[np.ndarray]:
     return [b.T, a.T]
 
 
-OPS: dict[str, Callable[[list[np.ndarray], TextConfig], list[np.ndarray]]] = {
-    "copy": lambda xs, c: [xs[0]],
-    "transpose": lambda xs, c: [np.swapaxes(xs[0], -1, -2)],
-    "conv": lambda xs, c: [xs[0][:, 0, :].T],
-    "split_qkvz": lambda xs, c: _split_qkvz(xs[0], c),
-    "split_ba": lambda xs, c: _split_ba(xs[0], c),
-    "stack_gate_up": lambda xs, c: [np.stack([np.concatenate(xs[i : i + 2]).T for i in range(0, len(xs), 2)])],
-    "stack_transpose": lambda xs, c: [np.stack([x.T for x in xs])],
-    "flatten_transpose": lambda xs, c: [xs[0].reshape(xs[0].shape[0], -1).T],  # Conv3d patch embedding
+def _ungrouped(parts: list[np.ndarray], groups: int) -> np.ndarray:
+    """Inverse of `_grouped`: parts `[groups * size_i, in]` -> `[groups * sum(sizes), in]`, each group's rows
+    holding its slice of every part in turn."""
+    return np.concatenate([x.reshape(groups, -1, x.shape[-1]) for x in parts], axis=1).reshape(-1, parts[0].shape[-1])
+
+
+def _join_qkvz(qkv: np.ndarray, z: np.ndarray, c: TextConfig) -> list[np.ndarray]:
+    """Inverse of `_split_qkvz`: kernels `qkv [in, conv_dim]`, `z [in, value_dim]` -> `in_proj_qkvz [out, in]`."""
+    qk = c.linear_num_key_heads * c.linear_key_head_dim
+    q, k, v = np.split(qkv.T, [qk, 2 * qk])
+    return [_ungrouped([q, k, v, z.T], c.linear_num_key_heads)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """A layout op and its inverse: `forward(sources, config)` -> targets, `inverse(targets, config,
+    source_shapes)` -> sources, so that `inverse(forward(xs)) == xs` bit for bit."""
+
+    forward: Callable[[list[np.ndarray], TextConfig], list[np.ndarray]]
+    inverse: Callable[[list[np.ndarray], TextConfig, tuple[Shape, ...]], list[np.ndarray]]
+
+
+OPS: dict[str, Op] = {
+    "copy": Op(lambda xs, c: [xs[0]], lambda ys, c, shapes: [ys[0]]),
+    "transpose": Op(lambda xs, c: [np.swapaxes(xs[0], -1, -2)], lambda ys, c, shapes: [np.swapaxes(ys[0], -1, -2)]),
+    "conv": Op(lambda xs, c: [xs[0][:, 0, :].T], lambda ys, c, shapes: [ys[0].T[:, None, :]]),
+    "split_qkvz": Op(lambda xs, c: _split_qkvz(xs[0], c), lambda ys, c, shapes: _join_qkvz(ys[0], ys[1], c)),
+    "split_ba": Op(
+        lambda xs, c: _split_ba(xs[0], c),
+        lambda ys, c, shapes: [_ungrouped([ys[0].T, ys[1].T], c.linear_num_key_heads)],
+    ),
+    "stack_gate_up": Op(
+        lambda xs, c: [np.stack([np.concatenate(xs[i : i + 2]).T for i in range(0, len(xs), 2)])],
+        lambda ys, c, shapes: [half for expert in ys[0] for half in np.split(expert.T, 2)],  # gate_e, up_e, ...
+    ),
+    "stack_transpose": Op(lambda xs, c: [np.stack([x.T for x in xs])], lambda ys, c, shapes: [y.T for y in ys[0]]),
+    "flatten_transpose": Op(  # Conv3d patch embedding
+        lambda xs, c: [xs[0].reshape(xs[0].shape[0], -1).T], lambda ys, c, shapes: [ys[0].T.reshape(shapes[0])]
+    ),
 }
 
 # Fused expert tensors: transformers 5.x writes gate_up_proj [E, 2I, H] and down_proj [E, H, I]; the official
@@ -81,7 +111,12 @@ FIRST_V5_VERSION = (5, 0)
 
 
 def apply_rule(rule: Rule, sources: list[np.ndarray], config: TextConfig) -> list[np.ndarray]:
-    return [np.ascontiguousarray(x) for x in OPS[rule.op](sources, config)]
+    return [np.ascontiguousarray(x) for x in OPS[rule.op].forward(sources, config)]
+
+
+def invert_rule(rule: Rule, targets: list[np.ndarray], config: TextConfig) -> list[np.ndarray]:
+    """The source tensors of `rule` (in its `sources` order) rebuilt from its target parameters."""
+    return [np.ascontiguousarray(x) for x in OPS[rule.op].inverse(targets, config, rule.source_shapes)]
 
 
 def _layer_rules(c: TextConfig, i: int, p: str, keys: set[str], expert_layout: str) -> list[Rule]:
@@ -255,6 +290,25 @@ class Plan:
     expert_layout: str
 
 
+def checkpoint_rules(config: ModelConfig, prefix: str, keys: set[str], expert_layout: str) -> list[Rule]:
+    """The rules for every parameter, the text model's keys starting with `prefix` ("model." or
+    "model.language_model."). `keys` selects the variants: Qwen3-Next's fused `in_proj_qkvz` where a layer has it,
+    fused experts (in `expert_layout`) where a layer has `mlp.experts.gate_up_proj`, per-expert tensors otherwise."""
+    c = config.text
+    h = c.hidden_size
+    rules = [
+        Rule("copy", (f"{prefix}embed_tokens.weight",), ((c.vocab_size, h),), ("embed_tokens/embedding",)),
+        Rule("copy", (f"{prefix}norm.weight",), ((h,),), ("norm/weight",)),
+    ]
+    for i in range(c.num_hidden_layers):
+        rules += _layer_rules(c, i, f"{prefix}layers.{i}.", keys, expert_layout)
+    if not c.tie_word_embeddings:
+        rules.append(Rule("transpose", ("lm_head.weight",), ((c.vocab_size, h),), ("lm_head/kernel",)))
+    if config.vision is not None:
+        rules += _vision_rules(config.vision, "model.visual.")
+    return rules
+
+
 def plan(
     config: ModelConfig,
     shapes: dict[str, Shape],
@@ -271,22 +325,9 @@ def plan(
     if prefix is None:
         raise MappingError("no embed_tokens.weight under model. or model.language_model.")
     c = config.text
-    h = c.hidden_size
     layout = expert_layout(c, shapes, prefix, requested_expert_layout, transformers_version)
-    rules = [
-        Rule("copy", (f"{prefix}embed_tokens.weight",), ((c.vocab_size, h),), ("embed_tokens/embedding",)),
-        Rule("copy", (f"{prefix}norm.weight",), ((h,),), ("norm/weight",)),
-    ]
-    for i in range(c.num_hidden_layers):
-        rules += _layer_rules(c, i, f"{prefix}layers.{i}.", key_set, layout)
-    if not c.tie_word_embeddings:
-        rules.append(Rule("transpose", ("lm_head.weight",), ((c.vocab_size, h),), ("lm_head/kernel",)))
-    visual = sorted(k for k in keys if k.startswith("model.visual."))
-    set_aside = []
-    if config.vision is not None:
-        rules += _vision_rules(config.vision, "model.visual.")
-    else:
-        set_aside = visual
+    rules = checkpoint_rules(config, prefix, key_set, layout)
+    set_aside = sorted(k for k in keys if k.startswith("model.visual.")) if config.vision is None else []
     mtp = sorted(k for k in keys if k.startswith("mtp."))
     used = {s for r in rules for s in r.sources} | set(mtp) | set(set_aside)
     if c.tie_word_embeddings:
