@@ -8,6 +8,7 @@ chapter, `<book>/<NN>.txt` (LF line ends, no BOM, leading and trailing whitespac
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -31,18 +32,18 @@ MIN_CHAPTER_CHARS = 1500  # a heading followed by less text is a table-of-conten
 def body(text: str) -> str:
     """The book without Project Gutenberg's header and footer."""
     text = text.lstrip("\ufeff").replace("\r\n", "\n")
-    start = re.search(r"^\*\*\* ?START OF.*$", text, re.M)
-    end = re.search(r"^ *\*\*\* ?END OF.*$", text, re.M)
+    start = re.search(r"^\*\*\* ?START OF.*$", text, re.MULTILINE)
+    end = re.search(r"^ *\*\*\* ?END OF.*$", text, re.MULTILINE)
     text = text[start.end() : end.start()]
-    return re.sub(r"\n *End of (the )?Project Gutenberg.*\n*$", "\n", text, flags=re.I | re.S)
+    return re.sub(r"\n *End of (the )?Project Gutenberg.*\n*$", "\n", text, flags=re.IGNORECASE | re.DOTALL)
 
 
 def chapters(text: str, heading: str) -> list[str]:
     """The chapters of a book body: split before each heading line followed by at least MIN_CHAPTER_CHARS of text;
     what comes before the first chapter is dropped."""
-    starts = [m.start() for m in re.finditer(rf"^(?:{heading})$", text, re.M)] + [len(text)]
-    kept = [a for a, b in zip(starts, starts[1:]) if b - a >= MIN_CHAPTER_CHARS] + [len(text)]
-    return [text[a:b].strip() + "\n" for a, b in zip(kept, kept[1:])]
+    starts = [m.start() for m in re.finditer(rf"^(?:{heading})$", text, re.MULTILINE)] + [len(text)]
+    kept = [a for a, b in itertools.pairwise(starts) if b - a >= MIN_CHAPTER_CHARS] + [len(text)]
+    return [text[a:b].strip() + "\n" for a, b in itertools.pairwise(kept)]
 
 
 def main(source: Path, out: Path) -> None:

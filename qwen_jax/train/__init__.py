@@ -1,0 +1,1 @@
+"""Training: the data pipeline (`qwen_jax.train.data`)."""
