@@ -224,3 +224,29 @@ def test_sources_and_errors(tmp_path, tokenizer):
         data.packed_batches([image_doc], tokenizer, seq_len=64, batch_size=1)
     with pytest.raises(InputError, match="no such file"):
         data.load_documents([tmp_path / "missing"])
+
+
+def test_image_processor_hook(tmp_path, tokenizer):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": "A cat."}]  # fmt: skip
+    document = {"messages": messages, "images": ["cat.png"], "source": "x"}
+    calls = []
+
+    def processor(text: str, images: list[str]) -> str:
+        calls.append(images)
+        return text.replace("<|image_pad|>", "<|image_pad|>" * 3)
+
+    ours = data.tokenize_document(tokenizer, document, processor=processor)
+    assert calls == [["cat.png", ""]]  # the document's paths, then the inline image part's (none given)
+    text = tokenizer.render(messages, add_generation_prompt=False).replace("<|image_pad|>", "<|image_pad|>" * 3)
+    assert ours["tokens"].tolist() == tokenizer.encode(text)
+    assert tokenizer.decode(ours["tokens"][ours["mask"] == 1]) == "A cat.<|im_end|>"
+
+
+def test_build_tokenizer_cli_errors(tmp_path, capsys):
+    assert build_tokenizer.main([str(tmp_path / "out"), "--vocab-size", "100"]) == 1
+    assert build_tokenizer.main([str(tmp_path / "out"), "--corpus", str(tmp_path / "none")]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == ["error: --vocab-size must be more than 261 (the bytes and the special tokens)",
+                      f"error: {tmp_path / 'none'}: no .txt files"]  # fmt: skip
+    assert not (tmp_path / "out").exists()
