@@ -88,9 +88,22 @@ def chunked_gated_delta_rule(
     initial_state: jax.Array | None = None,
     mask: jax.Array | None = None,
     normalize_qk: bool = True,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked (WY/UT) gated delta rule. Returns (o `[batch, seq, value_heads, value_dim]`, final state
-    `[batch, value_heads, key_dim, value_dim]` float32). `mask [batch, seq]`: 0 marks padding."""
+    `[batch, value_heads, key_dim, value_dim]` float32). `mask [batch, seq]`: 0 marks padding. `implementation`:
+    "xla" (this function), "pallas" (`qwen_jax.kernels`' TPU kernel, interpreted off TPU) or None: pallas on TPU."""
+    if implementation is None:
+        implementation = "pallas" if jax.default_backend() == "tpu" else "xla"
+    if implementation == "pallas":
+        from qwen_jax.kernels.delta_rule_tpu import chunked_gated_delta_rule_pallas  # it imports this module
+
+        return chunked_gated_delta_rule_pallas(
+            q, k, v, g, beta, chunk_size=chunk_size, initial_state=initial_state, mask=mask,
+            normalize_qk=normalize_qk, interpret=jax.default_backend() != "tpu",
+        )  # fmt: skip
+    if implementation != "xla":
+        raise ValueError(f"implementation must be 'xla', 'pallas' or None, not {implementation!r}")
     out_dtype = v.dtype
     batch, seq, heads, value_dim = v.shape
     key_dim = k.shape[-1]
