@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_jax.checkpoint.format import PARAMS_DIR, cast_tree, param_groups, read_metadata, restore_params
+from qwen_jax.checkpoint.format import PARAMS_DIR, cast_tree, param_groups, read_metadata
 from qwen_jax.config import ModelConfig, load_config
 from qwen_jax.model import forward
 
@@ -64,9 +64,7 @@ class Model:
                 self.params, self.config, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
             if positions is None:
-                positions, _ = positions_for(
-                    self.config, ids, mask, image_grid_thw, video_grid_thw, mm_token_type_ids
-                )
+                positions, _ = positions_for(self.config, ids, mask, image_grid_thw, video_grid_thw, mm_token_type_ids)
             ids, mask, positions, visual = self._place_batch(ids, mask, np.asarray(positions), visual)
             logits = _jitted_forward(self.params, self.config.text, ids, mask, positions, visual)
         return logits[:batch]
@@ -101,46 +99,87 @@ def load(path: str | Path, dtype: Any = None, mesh: Any = None) -> Model:
     stay float32 either way. Activations compute in the embedding's dtype.
     mesh: a `jax.sharding.Mesh` (axes among data, fsdp, tensor, expert) or a spec string such as "data=2,expert=4":
     every array is restored straight into its sharding (see `qwen_jax.sharding`).
+
+    The decoder layers are restored one at a time into their place in the stacked layout (`qwen_jax.stacking`), so
+    loading needs memory for the model plus one layer.
     """
     path = Path(path)
     read_metadata(path)
     config = load_config(path)
-    if mesh is None:
-        params = jax.tree.map(jnp.asarray, restore_params(path / PARAMS_DIR))
-    else:
+    if mesh is not None:
         from qwen_jax.sharding import make_mesh
 
         mesh = make_mesh(mesh)
-        params = _restore_sharded(path / PARAMS_DIR, config, mesh)
-    if dtype is not None:
-        params = cast_tree(params, jnp.dtype(dtype))
+    params = _restore(path / PARAMS_DIR, config, mesh, None if dtype is None else jnp.dtype(dtype))
     return Model(config, params, path, mesh)
 
 
-def _restore_sharded(directory: Path, config: ModelConfig, mesh: Any) -> Any:
+@functools.partial(jax.jit, donate_argnums=0)
+def _place_layer(stacked: Any, layer: Any, index: jax.Array) -> Any:
+    return jax.tree.map(lambda buffer, x: buffer.at[index].set(x.astype(buffer.dtype)), stacked, layer)
+
+
+def _empty_stack(layer: Any, count: int, mesh: Any) -> Any:
+    """Zeros `[count, ...]` for each leaf of one layer's tree, sharded like the leaf with the layer axis whole."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def empty(x):
+        sharding = None if mesh is None else NamedSharding(mesh, P(None, *x.sharding.spec))
+        return jax.jit(lambda: jnp.zeros((count, *x.shape), x.dtype), out_shardings=sharding)()
+
+    return jax.tree.map(empty, layer)
+
+
+def _restore(directory: Path, config: ModelConfig, mesh: Any, dtype: Any) -> Any:
+    """The parameters in the stacked layout, each array restored into its sharding on `mesh` (if given) and cast
+    to `dtype` (if given; see `cast_tree`)."""
     import orbax.checkpoint as ocp
 
     from qwen_jax.model import param_logical_axes
     from qwen_jax.sharding import param_shardings
+    from qwen_jax.stacking import STACKED, layer_segments
 
-    names = param_logical_axes(config.text)
-    if config.vision is not None:
-        from qwen_jax.vision import vision_logical_axes
+    names = None
+    if mesh is not None:
+        names = param_logical_axes(config.text)
+        if config.vision is not None:
+            from qwen_jax.vision import vision_logical_axes
 
-        names["visual"] = vision_logical_axes(config.vision)
+            names["visual"] = vision_logical_axes(config.vision)
 
     def plain(node: Any) -> Any:  # orbax returns its own mapping types
         if isinstance(node, Mapping):
             return {k: plain(v) for k, v in node.items()}
         return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype) if hasattr(node, "shape") else node
 
-    targets = {}
     with ocp.StandardCheckpointer() as checkpointer:
-        for group in param_groups(directory):
-            stored = checkpointer.metadata((directory / group).absolute()).item_metadata
-            stored = plain(getattr(stored, "tree", stored))
-            shardings = param_shardings(stored, names[group], mesh)
-            targets[group] = jax.tree.map(
-                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings
-            )
-    return restore_params(directory, targets)
+
+        def read(group: str) -> Any:
+            location = (directory / group).absolute()
+            target = None
+            if mesh is not None:
+                stored = checkpointer.metadata(location).item_metadata
+                stored = plain(getattr(stored, "tree", stored))
+                shardings = param_shardings(stored, names[group], mesh)
+                target = jax.tree.map(
+                    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings
+                )
+            tree = jax.tree.map(jnp.asarray, checkpointer.restore(location, target))
+            return tree if dtype is None else cast_tree(tree, dtype, f"{group}/")
+
+        params = {group: read(group) for group in param_groups(directory) if not group.startswith("layers_")}
+        stacked = []
+        for segment in layer_segments(config.text):
+            positions = []
+            for j in range(segment.period):
+                buffer = None
+                for cycle in range(segment.count):
+                    layer = read(f"layers_{segment.layer(cycle, j)}")
+                    buffer = _empty_stack(layer, segment.count, mesh) if buffer is None else buffer
+                    buffer = _place_layer(buffer, layer, jnp.int32(cycle))
+                    del layer
+                positions.append(buffer)
+            stacked.append(tuple(positions))
+        params[STACKED] = tuple(stacked)
+    return params

@@ -56,6 +56,6 @@ def test_prefill_split_anywhere_equals_one_prefill(built_models, name):
         logits, cache = run_in_pieces(model, ids, mask, [0, split, 200], max_len=200)
         valid = mask.astype(bool)
         np.testing.assert_allclose(logits[valid], whole_logits[valid], atol=1e-5 * np.abs(whole_logits).max())
-        for ours, ref in zip(cache.layers, whole.layers):
-            for a, b in zip(ours, ref):  # conv + recurrent states, or keys + values
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+        # Every layer's conv + recurrent states, keys and values.
+        for a, b in zip(jax.tree.leaves(cache.layers), jax.tree.leaves(whole.layers), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

@@ -17,6 +17,7 @@ from qwen_jax.layers.gated_deltanet import GatedDeltaNet
 from qwen_jax.layers.moe import SparseMoE
 from qwen_jax.layers.norms import GatedRMSNorm, RMSNorm
 from qwen_jax.layers.rope import rotary_tables
+from qwen_jax.stacking import layer_params as stacked_layer
 
 # float32 on both sides; layer outputs are O(1) and differ by ~1e-7, so 1e-5 absolute leaves only rounding.
 ATOL = 1e-5
@@ -35,7 +36,7 @@ def torch_out(module, *args, **kwargs):
 
 
 def layer_params(built, index: int, name: str):
-    return built.model.params[f"layers_{index}"][name]
+    return stacked_layer(built.model.params, built.model.config.text, index)[name]
 
 
 def text_config(built):
@@ -161,8 +162,9 @@ def test_init_params_follow_the_reference_initialization(built_models):
     params = init_params(model.config.text, jax.random.key(0))
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
     assert shapes(params) == shapes(model.params)
-    delta = params["layers_0"]["linear_attn"]
-    assert not np.asarray(params["layers_0"]["input_layernorm"]["weight"]).any()
+    first = stacked_layer(params, model.config.text, 0)
+    delta = first["linear_attn"]
+    assert not np.asarray(first["input_layernorm"]["weight"]).any()
     assert (np.asarray(delta["norm"]["weight"]) == 1).all() and (np.asarray(delta["dt_bias"]) == 1).all()
     a = np.exp(np.asarray(delta["A_log"]))
     assert ((a >= 0.01) & (a <= 16)).all()

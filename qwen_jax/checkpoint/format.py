@@ -90,8 +90,9 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
-def cast_tree(tree: dict, dtype: Any) -> dict:
-    """Cast floating leaves to `dtype`, except the ones kept in float32 (`keeps_float32`)."""
+def cast_tree(tree: dict, dtype: Any, prefix: str = "") -> dict:
+    """Cast floating leaves to `dtype`, except the ones kept in float32 (`keeps_float32`). `prefix` is the tree's
+    own path in the whole parameter tree (e.g. "norm/" for the final norm's group)."""
     import jax.numpy as jnp
 
     from qwen_jax.checkpoint.hf_mapping import keeps_float32
@@ -104,4 +105,4 @@ def cast_tree(tree: dict, dtype: Any) -> dict:
     def walk(node: dict, prefix: str) -> dict:
         return {k: walk(v, f"{prefix}{k}/") if isinstance(v, dict) else cast(prefix + k, v) for k, v in node.items()}
 
-    return walk(tree, "")
+    return walk(tree, prefix)

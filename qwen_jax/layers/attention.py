@@ -43,12 +43,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     return out.reshape(b, tq, heads, dim)
 
 
+def _write_rows(buffer: jax.Array, rows: jax.Array, offset: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """Write rows `[batch, seq, ...]` at slot `offset` of buffer `[batch, max_len, ...]` (or `[layers, batch,
+    max_len, ...]` at `layer`)."""
+    rows, start = rows.astype(buffer.dtype), (0, offset, 0, 0)
+    if layer is not None:
+        rows, start = rows[None], (layer, *start)
+    return jax.lax.dynamic_update_slice(buffer, rows, start)
+
+
 class Attention(nn.Module):
     """x `[batch, seq, hidden]`, cos/sin `[batch, seq, rotary_dim]` -> (same as x, updated cache).
 
     Without a cache, bias is `[batch, 1, seq, seq]` over x itself. With `cache` (keys/values `[batch, max_len,
-    kv_heads, head_dim]`), x's keys and values are written at slots `offset ...` and the queries attend over the whole
-    buffer with bias `[batch, 1, seq, max_len]`.
+    kv_heads, head_dim]`, or `[layers, batch, ...]` stacked, with this layer at index `layer`), x's keys and values
+    are written at slots `offset ...` (in place: only the new rows are written) and the queries attend over the
+    layer's whole buffer with bias `[batch, 1, seq, max_len]`.
     """
 
     config: TextConfig
@@ -63,6 +73,7 @@ class Attention(nn.Module):
         bias: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None = None,
         offset: jax.Array | None = None,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         b, t, _ = x.shape
@@ -77,15 +88,13 @@ class Attention(nn.Module):
         q, gate = query[..., :dim], query[..., dim:]
         k = proj(kv_heads * dim, ("embed", "kv_heads"), "k_proj")(x).reshape(b, t, kv_heads, dim)
         v = proj(kv_heads * dim, ("embed", "kv_heads"), "v_proj")(x).reshape(b, t, kv_heads, dim)
-        norm = dict(eps=c.rms_norm_eps, zero_centered=c.zero_centered_norm, axis_name="head_dim")
+        norm = {"eps": c.rms_norm_eps, "zero_centered": c.zero_centered_norm, "axis_name": "head_dim"}
         q = RMSNorm(dim, **norm, name="q_norm")(q)
         k = RMSNorm(dim, **norm, name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            start = (0, offset, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-            cache = type(cache)(k, v)
+            cache = type(cache)(*(_write_rows(buf, new, offset, layer) for buf, new in zip(cache, (k, v))))
+            k, v = (buf if layer is None else buf[layer] for buf in cache)
         out = dot_product_attention(q, k, v, bias)
         out = out.reshape(b, t, heads * dim)
         if gated:

@@ -46,7 +46,8 @@ def check(directory: str) -> None:
         tokens = qwen_jax.generate(model, ids, mask, max_new_tokens=8, pad_token_id=0)
         experts = [x for path, x in jax.tree_util.tree_leaves_with_path(model.params) if "gate_up_proj" in str(path)]
         expert_axis = model.mesh.shape["expert"]
-        experts_split = all(x.addressable_shards[0].data.shape[0] == x.shape[0] // expert_axis for x in experts)
+        # Stacked layers: [layers, experts, ...], the expert axis second.
+        experts_split = all(x.addressable_shards[0].data.shape[1] == x.shape[1] // expert_axis for x in experts)
         device_bytes = {}
         expected_bytes = 0.0
         for x in jax.tree.leaves(model.params):
