@@ -83,6 +83,9 @@ class TextConfig:
     attention_output_gate: bool = True
     # The delta rule's chunk length for prefill / training (not a checkpoint field).
     chunk_size: int = 64
+    # Compile analysis only (`qwen_jax.plan`): unroll the layer and chunk scans, whose bodies XLA's cost analysis
+    # would otherwise count once.
+    unroll_loops: bool = False
 
     @property
     def conv_dim(self) -> int:

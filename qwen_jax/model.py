@@ -49,15 +49,16 @@ class DecoderLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, mask, state=None, offset=None, cycle=None):
+    def __call__(self, x, cos, sin, bias, mask, state=None, offset=None, cycle=None, segment_ids=None):
         """`state` is the stacked cache entry of this block's layers (`[count, ...]` leaves; None for a plain
-        forward) and `cycle` this layer's index in it; returns (x, updated stacked state)."""
+        forward) and `cycle` this layer's index in it; `segment_ids [batch, seq]` mark packed documents (a plain
+        forward only). Returns (x, updated stacked state)."""
         c = self.config
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm, name="input_layernorm")(x)
         if c.layer_types[self.index] == LINEAR_ATTENTION:
             with jax.named_scope("gated_deltanet"):
                 own = None if state is None else jax.tree.map(lambda a: a[cycle], state)
-                h, new = GatedDeltaNet(c, self.dtype, name="linear_attn")(h, mask, own)
+                h, new = GatedDeltaNet(c, self.dtype, name="linear_attn")(h, mask, own, segment_ids)
                 state = None if state is None else jax.tree.map(lambda a, n: a.at[cycle].set(n), state, new)
         else:
             with jax.named_scope("attention"):
@@ -92,30 +93,124 @@ def _add_deepstack(x: jax.Array, visual: VisualInputs, layer: jax.Array) -> jax.
     return x + jnp.where(visual.mask[..., None] & (layer < depth), features.astype(x.dtype), 0)
 
 
-def _run_segment(
-    segment: Segment, layer_params: Any, c: TextConfig, dtype: Any, x, cos, sin, bias, mask, state, offset, visual
-):
+class DecoderOutputs(NamedTuple):
+    """`hidden [batch, seq, hidden]`: the final-normed hidden states (compute dtype), to be multiplied by
+    `output_weights`; `router_logits [moe_layers, batch * seq, experts]` float32 in layer order (None when not
+    collected or for dense models)."""
+
+    hidden: jax.Array
+    router_logits: jax.Array | None
+
+
+def _run_segment(segment: Segment, layer_params: Any, c: TextConfig, dtype: Any, x, inputs: dict, state, collect):
     """`lax.scan` over the segment's repeats; x `[batch, seq, hidden]` and the segment's stacked cache (or None) are
-    carried, so each cache update is in place."""
+    carried, so each cache update is in place. `inputs`: what every layer reads (rotary tables, bias, mask, cache
+    offset, visual inputs, segment ids, remat). With `collect`, also returns the router logits of the segment's MoE
+    positions, `[count, tokens, experts]` each."""
     blocks = [DecoderLayer(c, segment.layer(0, j), dtype) for j in range(segment.period)]
+    visual = inputs["visual"]
     deepstack = visual is not None and segment.start < visual.deepstack.shape[0]
+    args = (inputs["cos"], inputs["sin"], inputs["bias"], inputs["mask"])
 
     def repeat(carry, xs):
         x, state = carry
         params, cycle = xs
-        new_state = []
+        new_state, router = [], []
         for j, block in enumerate(blocks):
             with jax.named_scope(f"layer_{j}"):
                 layer_state = None if state is None else state[j]
-                x, layer_state = block.apply({"params": params[j]}, x, cos, sin, bias, mask, layer_state, offset, cycle)
+                variables = {"params": params[j]}
+                call = (x, *args, layer_state, inputs["offset"], cycle, inputs["segment_ids"])
+                if collect and c.moe_layers[block.index]:
+                    (x, layer_state), sown = block.apply(variables, *call, mutable=["intermediates"])
+                    router.append(sown["intermediates"]["mlp"]["router_logits"][0])
+                else:
+                    x, layer_state = block.apply(variables, *call)
             new_state.append(layer_state)
             if deepstack:
                 x = _add_deepstack(x, visual, segment.start + cycle * segment.period + j)
-        return (x, None if state is None else tuple(new_state)), None
+        return (x, None if state is None else tuple(new_state)), tuple(router)
 
+    if inputs["remat"]:
+        repeat = jax.checkpoint(repeat, prevent_cse=False)
     cycles = jnp.arange(segment.count, dtype=jnp.int32)
-    (x, state), _ = jax.lax.scan(repeat, (x, state), (layer_params, cycles))
-    return x, state
+    unroll = segment.count if c.unroll_loops else 1
+    (x, state), router = jax.lax.scan(repeat, (x, state), (layer_params, cycles), unroll=unroll)
+    return x, state, router
+
+
+def _decoder_hidden(
+    params: Any,
+    c: TextConfig,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cache: Cache | None,
+    visual: VisualInputs | None,
+    segment_ids: jax.Array | None = None,
+    remat: bool = False,
+    collect_router_logits: bool = False,
+) -> tuple[jax.Array, Cache | None, jax.Array | None]:
+    """input_ids `[batch, seq]`, positions `[batch, seq]` or `[3, batch, seq]`, mask `[batch, seq]` (1 = token,
+    0 = padding) -> (hidden states before the final norm `[batch, seq, hidden]`, cache, router logits).
+
+    Without a cache: a causal forward over the input alone (with `segment_ids`, over each packed document alone).
+    With a cache, the input continues it from slot `cache.offset`.
+    """
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids (packed documents) are for a forward without a cache")
+    dtype = compute_dtype(params)
+    params = stack_layers(params, c)
+    x = _embedding(c, dtype).apply({"params": params["embed_tokens"]}, input_ids)
+    if visual is not None:
+        x = jnp.where(visual.mask[..., None], visual.values.astype(x.dtype), x)
+    cos, sin = rotary_tables(positions, c.rope, c.head_dim, dtype)
+    batch, seq = input_ids.shape
+    if mask is None and segment_ids is not None:
+        mask = segment_ids > 0
+    valid = jnp.ones((batch, seq), bool) if mask is None else mask.astype(bool)
+    segments = layer_segments(c)
+    if cache is None:
+        slots = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        bias = attention_bias(slots, slots, valid, segment_ids, segment_ids)
+        offset, states = None, (None,) * len(segments)
+    else:
+        offset, states = cache.offset, cache.layers
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, offset))
+        query_slots = jnp.broadcast_to(offset + jnp.arange(seq), (batch, seq))
+        key_slots = jnp.broadcast_to(jnp.arange(key_valid.shape[1]), key_valid.shape)
+        bias = attention_bias(query_slots, key_slots, key_valid)
+    inputs = {"cos": cos, "sin": sin, "bias": bias, "mask": mask, "offset": offset, "visual": visual}
+    inputs.update(segment_ids=segment_ids, remat=remat)
+    new_states, routers = [], []
+    for s, segment in enumerate(segments):
+        with jax.named_scope(f"segment_{s}"):
+            x, state, router = _run_segment(
+                segment, params[STACKED][s], c, dtype, x, inputs, states[s], collect_router_logits
+            )
+        new_states.append(state)
+        moe_positions = [j for j in range(segment.period) if c.moe_layers[segment.layer(0, j)]]
+        for j, logits in zip(moe_positions, router):
+            routers += [(segment.layer(cycle, j), logits[cycle]) for cycle in range(segment.count)]
+    router_logits = jnp.stack([r for _, r in sorted(routers, key=lambda r: r[0])]) if routers else None
+    new_cache = None if cache is None else Cache(tuple(new_states), offset + seq, key_valid)
+    return x, new_cache, router_logits
+
+
+def output_weights(params: Any, config: TextConfig) -> jax.Array:
+    """The LM head as `[hidden, vocab]`: the `lm_head` kernel, or the transposed embedding when tied."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def _logits(params: Any, c: TextConfig, hidden: jax.Array) -> jax.Array:
+    """Final-normed hidden states `[..., hidden]` -> float32 logits `[..., vocab]`."""
+    if c.tie_word_embeddings:
+        logits = _embedding(c, hidden.dtype).apply({"params": params["embed_tokens"]}, hidden, method="attend")
+    else:
+        logits = _lm_head(c, hidden.dtype).apply({"params": params["lm_head"]}, hidden)
+    return logits.astype(jnp.float32)
 
 
 def _decoder(
@@ -128,49 +223,13 @@ def _decoder(
     last_only: bool,
     visual: VisualInputs | None,
 ) -> tuple[jax.Array, Cache | None]:
-    """input_ids `[batch, seq]`, positions `[batch, seq]` or `[3, batch, seq]`, mask `[batch, seq]` (1 = token,
-    0 = padding) -> (logits float32, cache).
-
-    Without a cache: logits `[batch, seq, vocab]` of a causal forward over the input alone, and None. With a cache,
-    the input continues it from slot `cache.offset`; with `last_only` the logits are those of the last slot only,
-    `[batch, vocab]`.
-    """
-    dtype = compute_dtype(params)
-    params = stack_layers(params, c)
-    embed = _embedding(c, dtype)
-    x = embed.apply({"params": params["embed_tokens"]}, input_ids)
-    if visual is not None:
-        x = jnp.where(visual.mask[..., None], visual.values.astype(x.dtype), x)
-    cos, sin = rotary_tables(positions, c.rope, c.head_dim, dtype)
-    batch, seq = input_ids.shape
-    valid = jnp.ones((batch, seq), bool) if mask is None else mask.astype(bool)
-    segments = layer_segments(c)
-    if cache is None:
-        slots = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        bias = attention_bias(slots, slots, valid)
-        offset, states = None, (None,) * len(segments)
-    else:
-        offset, states = cache.offset, cache.layers
-        key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, offset))
-        query_slots = jnp.broadcast_to(offset + jnp.arange(seq), (batch, seq))
-        key_slots = jnp.broadcast_to(jnp.arange(key_valid.shape[1]), key_valid.shape)
-        bias = attention_bias(query_slots, key_slots, key_valid)
-    new_states = []
-    for s, segment in enumerate(segments):
-        with jax.named_scope(f"segment_{s}"):
-            x, state = _run_segment(
-                segment, params[STACKED][s], c, dtype, x, cos, sin, bias, mask, states[s], offset, visual
-            )
-        new_states.append(state)
+    """(logits float32, cache): logits `[batch, seq, vocab]`, or with `last_only` those of the last slot,
+    `[batch, vocab]`. See `_decoder_hidden` for the arguments."""
+    x, new_cache, _ = _decoder_hidden(params, c, input_ids, positions, mask, cache, visual)
     if last_only:
         x = x[:, -1]
     x = _final_norm(c).apply({"params": params["norm"]}, x)
-    if c.tie_word_embeddings:
-        logits = embed.apply({"params": params["embed_tokens"]}, x, method="attend")
-    else:
-        logits = _lm_head(c, dtype).apply({"params": params["lm_head"]}, x)
-    new_cache = None if cache is None else Cache(tuple(new_states), offset + seq, key_valid)
-    return logits.astype(jnp.float32), new_cache
+    return _logits(params, c, x), new_cache
 
 
 def default_positions(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
@@ -204,6 +263,40 @@ def forward(
     if positions is None:
         positions = default_positions(attention_mask, input_ids.shape)
     return _decoder(text_params(params), config, input_ids, positions, attention_mask, None, False, visual)[0]
+
+
+def decoder_outputs(
+    params: Any,
+    config: TextConfig,
+    input_ids: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    visual: VisualInputs | None = None,
+    remat: bool = False,
+) -> DecoderOutputs:
+    """The training forward: final-normed hidden states and router logits, without the `[batch, seq, vocab]`
+    logits (a chunked loss multiplies by `output_weights` piece by piece).
+
+    input_ids `[batch, seq]`; positions `[batch, seq]` / `[3, batch, seq]` (None: 0, 1, ... per row, or per
+    segment); segment_ids `[batch, seq]`: 1, 2, ... per packed document, 0 = padding; attention, the causal conv
+    and the delta-net state never cross a segment boundary, so a packed row computes what each document computes
+    alone. `remat`: recompute each repeat of the layer pattern in the backward pass instead of storing it."""
+    if positions is None:
+        positions = default_positions(None, input_ids.shape) if segment_ids is None else segment_positions(segment_ids)
+    params = text_params(params)
+    x, _, router_logits = _decoder_hidden(
+        params, config, input_ids, positions, None, None, visual, segment_ids, remat, collect_router_logits=True
+    )
+    return DecoderOutputs(_final_norm(config).apply({"params": params["norm"]}, x), router_logits)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions `[batch, seq]` that restart at 0 at each segment's first token (0 on padding)."""
+    seq = segment_ids.shape[1]
+    index = jnp.arange(seq, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return jnp.where(segment_ids > 0, index - start_index, 0)
 
 
 def forward_with_cache(

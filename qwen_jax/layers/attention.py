@@ -20,13 +20,22 @@ from qwen_jax.layers.rope import apply_rotary
 MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def attention_bias(query_positions: jax.Array, key_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
+def attention_bias(
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    key_valid: jax.Array,
+    query_segments: jax.Array | None = None,
+    key_segments: jax.Array | None = None,
+) -> jax.Array:
     """Additive float32 bias `[batch, 1, q, k]`: 0 where key k is valid and not after query q, else very negative.
 
     query_positions `[batch, q]`, key_positions `[batch, k]` are slot indices in the same sequence; key_valid
-    `[batch, k]` is False for padding.
+    `[batch, k]` is False for padding. With segment ids (`[batch, q]`, `[batch, k]`: packed documents), a query
+    also sees only the keys of its own segment.
     """
     allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_valid[:, None, :].astype(bool)
+    if query_segments is not None:
+        allowed &= query_segments[:, :, None] == key_segments[:, None, :]
     return jnp.where(allowed, 0.0, MASKED)[:, None].astype(jnp.float32)
 
 

@@ -12,6 +12,12 @@ All inputs follow the reference's layout: q, k `[batch, seq, key_heads, key_dim]
 value_dim]`, g (log decay, <= 0) and beta `[batch, seq, value_heads]`. Value head j reads key head
 `j // (value_heads / key_heads)`. Everything inside runs in float32 at HIGHEST matmul precision; the output is cast
 back to v's dtype and the state stays float32. Positions where `mask` is 0 leave the state untouched.
+
+Packed sequences: with `segment_ids [batch, seq]` (1, 2, ... per document) the state restarts from zero at each
+change of segment id, so each document sees only itself. In the chunked form that is done by masks, not by a
+reset of the decay (a `-inf` log decay would poison the in-chunk cumulative sums): in-chunk pairs of different
+segments are cut out of the decay matrix, and the entering state reaches only the positions still in the segment
+of the previous chunk's last token.
 """
 
 from __future__ import annotations
@@ -88,14 +94,20 @@ def chunked_gated_delta_rule(
     initial_state: jax.Array | None = None,
     mask: jax.Array | None = None,
     normalize_qk: bool = True,
+    segment_ids: jax.Array | None = None,
     implementation: str | None = None,
+    unroll: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked (WY/UT) gated delta rule. Returns (o `[batch, seq, value_heads, value_dim]`, final state
-    `[batch, value_heads, key_dim, value_dim]` float32). `mask [batch, seq]`: 0 marks padding. `implementation`:
+    `[batch, value_heads, key_dim, value_dim]` float32). `mask [batch, seq]`: 0 marks padding; `segment_ids [batch,
+    seq]`: packed documents (the XLA form handles them). `unroll`: unroll the scan over chunks (compile analysis).
+    `implementation`:
     "xla" (this function), "pallas" (`qwen_jax.kernels`' TPU kernel, interpreted off TPU) or None: pallas on TPU."""
     if implementation is None:
-        implementation = "pallas" if jax.default_backend() == "tpu" else "xla"
+        implementation = "pallas" if jax.default_backend() == "tpu" and segment_ids is None else "xla"
     if implementation == "pallas":
+        if segment_ids is not None:
+            raise ValueError("the pallas delta rule does not take segment_ids; use implementation='xla'")
         from qwen_jax.kernels.delta_rule_tpu import chunked_gated_delta_rule_pallas  # it imports this module
 
         return chunked_gated_delta_rule_pallas(
@@ -127,17 +139,24 @@ def chunked_gated_delta_rule(
     diff = cum[..., :, None] - cum[..., None, :]
     # Mask before the exp: above the diagonal diff is positive and could overflow.
     decay = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)  # [n, b, h, c, c]
+    entering = jnp.exp(cum)  # [n, b, h, c]: what is left of the entering state at each position
+    leaving = jnp.exp(cum[..., -1:] - cum)  # [n, b, h, c]: what is left of each position's update at the chunk end
+    if segment_ids is not None:
+        same, carries = _segment_masks(segment_ids, n, c)
+        decay = decay * same
+        entering = entering * carries
+        leaving = leaving * same[..., -1, :]
 
     k_beta = k * beta[..., None]
     strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
     a = jnp.where(strict, _mm("...id,...jd->...ij", k_beta, k) * decay, 0.0)
     t = unit_lower_triangular_inverse(a)
     u = _mm("...ij,...jd->...id", t, v * beta[..., None])  # pseudo-values
-    w = _mm("...ij,...jd->...id", t, k_beta * jnp.exp(cum)[..., None])  # keys reading the entering state
+    w = _mm("...ij,...jd->...id", t, k_beta * entering[..., None])  # keys reading the entering state
     attn = _mm("...id,...jd->...ij", q, k) * decay
-    q_decayed = q * jnp.exp(cum)[..., None]
-    k_decayed = k * jnp.exp(cum[..., -1:] - cum)[..., None]
-    chunk_decay = jnp.exp(cum[..., -1])[..., None, None]
+    q_decayed = q * entering[..., None]
+    k_decayed = k * leaving[..., None]
+    chunk_decay = entering[..., -1][..., None, None]
 
     state = (
         jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
@@ -152,9 +171,27 @@ def chunked_gated_delta_rule(
         state = state * decay_c + _mm("...ik,...iv->...kv", k_c, v_new)
         return state, o_c
 
-    state, o = jax.lax.scan(step, state, (u, w, attn, q_decayed, k_decayed, chunk_decay))
+    state, o = jax.lax.scan(step, state, (u, w, attn, q_decayed, k_decayed, chunk_decay), unroll=n if unroll else 1)
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(batch, n * c, heads, value_dim)[:, :seq]
     return o.astype(out_dtype), state
+
+
+def _through_padding(segment_ids: jax.Array) -> jax.Array:
+    """Segment ids `[batch, seq]` with each padding position (id 0, inert) given the id before it, so that padding
+    neither restarts the state nor ends a segment: the final state is the one after the last real token."""
+    index = jnp.where(segment_ids > 0, jnp.arange(segment_ids.shape[1]), -1)
+    last_real = jax.lax.cummax(index, axis=1)
+    return jnp.where(last_real >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(last_real, 0), axis=1), 0)
+
+
+def _segment_masks(segment_ids: jax.Array, chunks: int, c: int) -> tuple[jax.Array, jax.Array]:
+    """For segment ids `[batch, seq]`: `same [chunks, batch, 1, c, c]` (positions i, j of a chunk are in one
+    segment) and `carries [chunks, batch, 1, c]` (position i is in the segment of the previous chunk's last position;
+    the first chunk continues the initial state). The chunk padding joins the last segment (it is inert)."""
+    seg = jnp.pad(_through_padding(segment_ids), ((0, 0), (0, chunks * c - segment_ids.shape[1])), mode="edge")
+    seg = jnp.moveaxis(seg.reshape(seg.shape[0], chunks, 1, c), 1, 0)  # [n, b, 1, c]
+    previous_last = jnp.concatenate([seg[:1, ..., :1], seg[:-1, ..., -1:]], axis=0)
+    return seg[..., :, None] == seg[..., None, :], seg == previous_last
 
 
 def gated_delta_step(
@@ -178,10 +215,16 @@ def recurrent_gated_delta_rule(
     initial_state: jax.Array | None = None,
     mask: jax.Array | None = None,
     normalize_qk: bool = True,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Token-by-token gated delta rule (same arguments and results as `chunked_gated_delta_rule`)."""
     out_dtype = v.dtype
-    batch, _, heads, value_dim = v.shape
+    batch, seq, heads, value_dim = v.shape
+    if segment_ids is None:
+        continues = jnp.ones((batch, seq), bool)
+    else:  # the state restarts where the segment id changes
+        seg = _through_padding(segment_ids)
+        continues = jnp.concatenate([jnp.ones((batch, 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
     q, k, v, g, beta = prepare_inputs(q, k, v, g, beta, mask, normalize_qk)
     state = (
         jnp.zeros((batch, heads, k.shape[-1], value_dim), jnp.float32)
@@ -190,9 +233,10 @@ def recurrent_gated_delta_rule(
     )
 
     def step(state, xs):
-        o, state = gated_delta_step(*xs, state)
+        *inputs, keep = xs
+        o, state = gated_delta_step(*inputs, jnp.where(keep[:, None, None, None], state, 0.0))
         return state, o
 
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, continues))
     state, o = jax.lax.scan(step, state, xs)
     return jnp.moveaxis(o, 0, 1).astype(out_dtype), state

@@ -29,14 +29,17 @@ class DeltaNetState(NamedTuple):
 
 class CausalConv1d(nn.Module):
     """Depthwise causal conv over time, no bias. x `[batch, seq, channels]`, kernel `[K, channels]`; `previous`
-    `[batch, K-1, channels]` are the inputs before x (zeros at a sequence start). Returns (out, last K-1 inputs)."""
+    `[batch, K-1, channels]` are the inputs before x (zeros at a sequence start); with `segment_ids [batch, seq]`
+    (packed documents) an output reads only inputs of its own segment. Returns (out, last K-1 inputs)."""
 
     channels: int
     kernel_size: int
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, previous: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, previous: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("conv_kernel", "conv_dim")),
@@ -48,19 +51,29 @@ class CausalConv1d(nn.Module):
             previous = jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype)
         padded = jnp.concatenate([previous.astype(x.dtype), x], axis=1)
         t = x.shape[1]
-        out = sum(padded[:, j : j + t] * kernel[j] for j in range(k))
+        taps = [padded[:, j : j + t] for j in range(k)]  # tap j reads the input k-1-j steps back
+        if segment_ids is not None:
+            before = jnp.repeat(segment_ids[:, :1], k - 1, axis=1)
+            segments = jnp.concatenate([before, segment_ids], axis=1)
+            taps = [jnp.where((segments[:, j : j + t] == segment_ids)[..., None], tap, 0) for j, tap in enumerate(taps)]
+        out = sum(tap * kernel[j] for j, tap in enumerate(taps))
         return out, padded[:, t:]
 
 
 class GatedDeltaNet(nn.Module):
-    """x `[batch, seq, hidden]`; mask `[batch, seq]` (0 = padding, which never touches the conv or delta state)."""
+    """x `[batch, seq, hidden]`; mask `[batch, seq]` (0 = padding, which never touches the conv or delta state);
+    segment_ids `[batch, seq]`: packed documents, which neither the conv nor the delta state crosses."""
 
     config: TextConfig
     dtype: Any
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None = None, state: DeltaNetState | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        state: DeltaNetState | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, DeltaNetState]:
         c = self.config
         b, t, _ = x.shape
@@ -78,7 +91,7 @@ class GatedDeltaNet(nn.Module):
         a = proj(hv, "in_proj_a")
 
         conv = CausalConv1d(c.conv_dim, c.linear_conv_kernel_dim, self.dtype, name="conv1d")
-        mixed, conv_state = conv(mixed, None if state is None else state.conv)
+        mixed, conv_state = conv(mixed, None if state is None else state.conv, segment_ids)
         mixed = jax.nn.silu(mixed)
         q = mixed[..., : hk * dk].reshape(b, t, hk, dk)
         k = mixed[..., hk * dk : 2 * hk * dk].reshape(b, t, hk, dk)
@@ -99,8 +112,9 @@ class GatedDeltaNet(nn.Module):
             o = o[:, None].astype(v.dtype)
         else:
             o, recurrent = chunked_gated_delta_rule(
-                q, k, v, g, beta, chunk_size=c.chunk_size, initial_state=initial, mask=mask
-            )
+                q, k, v, g, beta, chunk_size=c.chunk_size, initial_state=initial, mask=mask,
+                segment_ids=segment_ids, unroll=c.unroll_loops,
+            )  # fmt: skip
         o = GatedRMSNorm(dv, c.rms_norm_eps, name="norm")(o, z)
         out = Linear(c.hidden_size, ("gdn_proj", "embed"), name="out_proj", dtype=self.dtype)(o.reshape(b, t, -1))
         return out, DeltaNetState(conv_state, recurrent)

@@ -129,6 +129,7 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = Linear(c.num_experts, ("embed", "expert"), name="gate", dtype=self.dtype)(x)
+        self.sow("intermediates", "router_logits", logits.astype(jnp.float32))  # [tokens, experts], for the aux loss
         weights, experts = route(logits, c.num_experts_per_tok, c.norm_topk_prob)
         params = ExpertWeights(c.num_experts, c.hidden_size, c.moe_intermediate_size, self.dtype, name="experts")()
         out = expert_parallel(x, weights, experts, *params)
