@@ -137,7 +137,7 @@ def _restore(directory: Path, config: ModelConfig, mesh: Any, dtype: Any) -> Any
     import orbax.checkpoint as ocp
 
     from qwen_jax.model import param_logical_axes
-    from qwen_jax.sharding import param_shardings
+    from qwen_jax.sharding import tree_shardings
     from qwen_jax.stacking import STACKED, layer_segments
 
     names = None
@@ -161,7 +161,7 @@ def _restore(directory: Path, config: ModelConfig, mesh: Any, dtype: Any) -> Any
             if mesh is not None:
                 stored = checkpointer.metadata(location).item_metadata
                 stored = plain(getattr(stored, "tree", stored))
-                shardings = param_shardings(stored, names[group], mesh)
+                shardings = tree_shardings(stored, names[group], mesh)
                 target = jax.tree.map(
                     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), stored, shardings
                 )

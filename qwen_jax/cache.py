@@ -43,7 +43,8 @@ def _layer_entry(config: TextConfig, kind: str, count: int, batch: int, max_len:
 
 
 def init_cache(config: TextConfig, batch: int, max_len: int, dtype: Any) -> Cache:
-    """An empty cache for `batch` rows of up to `max_len` slots; `dtype` is the activation dtype."""
+    """An empty cache for `batch` rows of up to `max_len` slots; `dtype` is the activation dtype. Under a mesh
+    (`jax.set_mesh`), each leaf is laid out by `cache_logical_axes`."""
     layers = tuple(
         tuple(
             _layer_entry(config, config.layer_types[s.layer(0, j)], s.count, batch, max_len, dtype)
@@ -51,4 +52,26 @@ def init_cache(config: TextConfig, batch: int, max_len: int, dtype: Any) -> Cach
         )
         for s in layer_segments(config)
     )
-    return Cache(layers, jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), bool))
+    cache = Cache(layers, jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), bool))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return cache
+    from qwen_jax.sharding import spec_for
+
+    names = cache_logical_axes(cache)
+    specs = jax.tree.map(lambda x, n: spec_for(x.shape, n, mesh), cache, names)
+    return jax.lax.with_sharding_constraint(cache, specs)
+
+
+def cache_logical_axes(cache: Cache) -> Any:
+    """Logical axis names of each cache leaf (`qwen_jax.sharding`): rows over the batch axes, heads and conv
+    channels over `tensor` like the layers that write them; the layer axis and the slots are never split."""
+    kv = (None, "batch", None, "kv_heads", "head_dim")
+
+    def entry(e: Any) -> Any:
+        if isinstance(e, KVCache):
+            return KVCache(kv, kv)
+        return DeltaNetState((None, "batch", None, "conv_dim"), (None, "batch", "gdn_heads", None, None))
+
+    layers = tuple(tuple(entry(e) for e in segment) for segment in cache.layers)
+    return Cache(layers, (), ("batch", None))

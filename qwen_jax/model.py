@@ -379,3 +379,38 @@ def param_logical_axes(config: TextConfig) -> Any:
     from qwen_jax.sharding import logical_axes
 
     return logical_axes(_abstract_params(config, jnp.float32))
+
+
+def stacked_param_logical_axes(config: TextConfig) -> Any:
+    """Logical axis names of the stacked layout (`qwen_jax.stacking`): each stacked leaf gets a leading, never
+    split, layer axis."""
+    from qwen_jax.stacking import stacked_logical_axes
+
+    names = param_logical_axes(config)
+    out = {k: v for k, v in names.items() if not k.startswith("layers_")}
+    out[STACKED] = tuple(
+        tuple(stacked_logical_axes(names[f"layers_{s.layer(0, j)}"]) for j in range(s.period))
+        for s in layer_segments(config)
+    )
+    return out
+
+
+def abstract_params(config: TextConfig, dtype: Any, mesh: Any = None, vision: Any = None) -> Any:
+    """The stacked parameter tree as `jax.ShapeDtypeStruct`s (with their `NamedSharding`s on `mesh`, if given),
+    allocating nothing; `vision` (a `VisionConfig`) adds the vision tower under "visual". `A_log`, `dt_bias` and
+    norm weights are float32 whatever `dtype`, as `qwen_jax.load` gives them."""
+    from qwen_jax.checkpoint.format import cast_tree
+    from qwen_jax.sharding import tree_shardings
+
+    shapes = param_shapes(config, jnp.float32)
+    names = stacked_param_logical_axes(config)
+    if vision is not None:
+        from qwen_jax.vision import vision_logical_axes, vision_param_shapes
+
+        shapes["visual"] = vision_param_shapes(vision, jnp.float32)
+        names["visual"] = vision_logical_axes(vision)
+    shapes = jax.eval_shape(lambda tree: stack_layers(cast_tree(tree, jnp.dtype(dtype)), config), shapes)
+    if mesh is None:
+        return shapes
+    shardings = tree_shardings(shapes, names, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

@@ -17,8 +17,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax.errors import InputError
+from qwen_jax.mesh_spec import MESH_AXES, parse_mesh_spec
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axis (or axes, or None for replicated).
@@ -38,25 +38,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("expert_mlp", "tensor"),
     ("norm", None),
 )
-
-
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """"data=2,expert=4" -> {"data": 2, "expert": 4}."""
-    sizes: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in MESH_AXES:
-            raise InputError(f"mesh axis {name!r} unknown (axes: {', '.join(MESH_AXES)})")
-        if name in sizes:
-            raise InputError(f"mesh axis {name!r} given twice")
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise InputError(f"mesh axis {name!r} needs an integer size, got {value!r}") from None
-        if sizes[name] < 1:
-            raise InputError(f"mesh axis {name!r} must be >= 1")
-    return sizes
 
 
 def make_mesh(mesh: Mesh | str | None = None, devices: list | None = None) -> Mesh:
@@ -114,15 +95,16 @@ def logical_axes(boxed_params: Any) -> Any:
     )
 
 
-def param_shardings(abstract_params: Any, names: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a parameter tree given its shapes and logical names (same structure)."""
+def tree_shardings(abstract: Any, names: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of arrays (parameters, a cache) given its shapes and logical names (same
+    structure; a None name replicates the leaf)."""
 
     def one(path, leaf, logical):
         what = jax.tree_util.keystr(path)
         logical = logical or (None,) * len(leaf.shape)
         return NamedSharding(mesh, spec_for(tuple(leaf.shape), logical, mesh, what))
 
-    return jax.tree.map_with_path(one, abstract_params, names, is_leaf=lambda x: x is None or isinstance(x, tuple))
+    return jax.tree.map_with_path(one, abstract, names)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

@@ -40,7 +40,7 @@ def layer_period(config: TextConfig) -> int:
     """The shortest period of the layer-type pattern (4 for 3 linear + 1 full; 1 for all full attention)."""
     types = config.layer_types
     n = len(types)
-    return next(p for p in range(1, n + 1) if all(types[i] == types[i + p] for i in range(n - p)))
+    return next((p for p in range(1, n + 1) if all(types[i] == types[i + p] for i in range(n - p))), 1)
 
 
 def layer_segments(config: TextConfig) -> tuple[Segment, ...]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwen_jax.errors import InputError
-from qwen_jax.sharding import parse_mesh_spec
+from qwen_jax.mesh_spec import parse_mesh_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "scripts" / "sharded_equivalence.py"

@@ -1,8 +1,9 @@
 """Sparse mixture of experts, with a sigmoid-gated shared expert for Qwen3-Next / Qwen3.5-MoE (Qwen3-VL-MoE has none).
 
 Router: float32 softmax over `x @ gate`, top-k, renormalized (always for Qwen3.5 and Qwen3-VL; per `norm_topk_prob`
-for Qwen3-Next). Dispatch is dropless: token copies sorted by expert and two grouped matmuls (`lax.ragged_dot`), so
-each token pays for its k experts only.
+for Qwen3-Next). Dispatch is dropless: token copies sorted by expert and two grouped matmuls
+(`qwen_jax.layers.grouped_matmul`: `lax.ragged_dot` on TPU and GPU, a tiled scan on CPU), so each token pays for
+its k experts only.
 
 Expert parallelism (a mesh with an `expert` axis): each device holds `experts / n` whole experts and runs the dispatch
 under `shard_map` for its own experts only; copies routed elsewhere contribute zero, and a `psum` over the expert axis
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import TextConfig
+from qwen_jax.layers.grouped_matmul import grouped_matmul
 from qwen_jax.layers.linear import INIT_STD, Linear
 from qwen_jax.layers.mlp import MLP
 
@@ -70,9 +72,9 @@ def routed_experts(
         local = jnp.where(held, local, local_experts)
         order = jnp.argsort(local, stable=True)
         group_sizes = jnp.bincount(local, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-        h = jax.lax.ragged_dot(x[order // k], gate_up, group_sizes)
+        h = grouped_matmul(x[order // k], gate_up, group_sizes)
         h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
-        ys = jnp.where(held[order][:, None], jax.lax.ragged_dot(h, down, group_sizes), 0)
+        ys = jnp.where(held[order][:, None], grouped_matmul(h, down, group_sizes), 0)
         y = jnp.zeros_like(ys).at[order].set(ys)
     y = y.reshape(tokens, k, -1).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", y, weights.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
