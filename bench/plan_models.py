@@ -6,8 +6,9 @@ README's markdown table.
                                 [--batch 8] [--context 32768] [--out bench/results/plan_models.json]
                                 [--smoke]
 
-Meshes: on 8 devices (an 8 x H100 node, a TPU v5p-16 or v6e-8 slice) `expert=8` for MoE models and `fsdp=8` for
-dense ones; on 64 devices (TPU v5p-128, v6e-64) `fsdp=8,expert=8` and `fsdp=8,tensor=8`. `--smoke` plans one tiny
+Meshes, for serving (weights stay in place; FSDP would gather every weight at each decode step): MoE models split
+their experts over all devices (`expert=8` on an 8 x H100 node or a TPU v5p-16 / v6e-8 slice, `expert=64` on
+v5p-128 / v6e-64), dense models split heads and MLPs (`tensor=8`, and `data=8,tensor=8` on 64 devices). `--smoke` plans one tiny
 config on 8 devices at a short context (CI).
 """
 
@@ -39,23 +40,26 @@ def mesh_for(config_path: Path, devices: int) -> str:
     from qwen_jax.config import load_config
 
     moe = load_config(config_path).text.num_experts > 0
-    if devices == 8:
-        return "expert=8" if moe else "fsdp=8"
-    return f"fsdp=8,{'expert' if moe else 'tensor'}={devices // 8}"
+    if moe:
+        return f"expert={devices}"
+    return "tensor=8" if devices == 8 else f"data={devices // 8},tensor=8"
 
 
 def markdown(rows: list[dict]) -> str:
+    """The README's table: per-device figures of each report."""
     gib = 2.0**30
-    head = ("| model | mesh | params / device | cache / device | activations (est.) prefill / decode | decode GFLOP / "
-            "token / device | compile prefill / decode |")  # fmt: skip
-    lines = [head, "|" + "---|" * 7]
+    lines = [
+        "| model | mesh | parameters | cache | activations (est.) prefill / decode | decode GFLOP / token | compile "
+        "prefill / decode |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         m, t, c = r["per_device_bytes"], r["per_token_per_device"], r["compile_s"]
         lines.append(
             f"| {Path(r['config']).stem} | {','.join(f'{k}={v}' for k, v in r['mesh'].items() if v > 1)} "
-            f"| {m['params'] / gib:.2f} GiB | {m['cache'] / gib:.2f} GiB "
-            f"| {m['activations_prefill_estimate'] / gib:.2f} / {m['activations_decode_estimate'] / gib:.2f} GiB "
-            f"| {t['decode_flops'] / 1e9:.2f} | {c['prefill']:.0f} s / {c['decode']:.0f} s |"
+            f"| {m['params'] / gib:.1f} GiB | {m['cache'] / gib:.1f} GiB "
+            f"| {m['activations_prefill_estimate'] / gib:.1f} / {m['activations_decode_estimate'] / gib:.1f} GiB "
+            f"| {t['decode_flops'] / 1e9:.1f} | {c['prefill']:.1f} s / {c['decode']:.1f} s |"
         )
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ into a `--context`-slot cache, and one decode step), and reports per device:
   count, so these come from loop-free variants: one prefill piece / one decode token through the embedding and head
   alone, and through each segment's layer pattern once (`unroll_loops`), scaled by the segment's repeats;
 - compile time of each program.
+The programs compile in float32 and their byte figures are scaled to `--dtype` (`FLOAT32_NOTE` says why).
 
 NAME_OR_PATH: a file name in `configs/` (with or without `.json`), a config.json, or a checkpoint directory.
 """
@@ -98,22 +99,36 @@ def prompt_length(context: int, piece: int) -> int:
     return (context - 1) // piece * piece
 
 
+FLOAT32_NOTE = """XLA:CPU has no bfloat16 matmul: it converts whole weight tensors to float32 first, which its cost
+and memory analyses count as FLOPs, traffic and temporary buffers that a TPU or GPU does not have. So the compiled
+programs are built in float32; FLOPs do not depend on the dtype, and bytes accessed and temporary bytes are scaled
+by the planned dtype's size (an estimate: the float32 delta-net state and norm weights do not shrink)."""
+
+
 class Planner:
     """Abstract sharded params, cache and inputs for one config on one mesh."""
 
     def __init__(self, text_config: Any, mesh: Any, batch: int, context: int, dtype: Any, vision: Any = None):
-        import jax
         import jax.numpy as jnp
 
-        from qwen_jax.cache import cache_logical_axes, init_cache
-        from qwen_jax.model import abstract_params
-        from qwen_jax.sharding import batch_divisor, tree_shardings
+        from qwen_jax.sharding import batch_divisor
 
         self.config, self.mesh, self.dtype, self.context = text_config, mesh, jnp.dtype(dtype), context
         self.batch = -(-batch // batch_divisor(mesh)) * batch_divisor(mesh)  # padded as generation pads it
-        self.params = abstract_params(text_config, dtype, mesh, vision)
-        cache = jax.eval_shape(lambda: init_cache(text_config, self.batch, context, dtype))
-        self.cache = _sharded(cache, tree_shardings(cache, cache_logical_axes(cache), mesh))
+        self.vision = vision
+        self.params, self.cache = self.abstract_state(text_config, self.dtype, vision)
+
+    def abstract_state(self, config: Any, dtype: Any, vision: Any = None) -> tuple[Any, Any]:
+        """(parameters, an empty generation cache of `context` slots) of `config` as sharded abstract arrays."""
+        import jax
+
+        from qwen_jax.cache import cache_logical_axes, init_cache
+        from qwen_jax.model import abstract_params
+        from qwen_jax.sharding import tree_shardings
+
+        params = abstract_params(config, dtype, self.mesh, vision)
+        cache = jax.eval_shape(lambda: init_cache(config, self.batch, self.context, dtype))
+        return params, _sharded(cache, tree_shardings(cache, cache_logical_axes(cache), self.mesh))
 
     def rows(self, dtype: Any, *shape: int, batch_axis: int = 0) -> Any:
         """An abstract input with the batch at `batch_axis` of `shape` (inserted there), split over the data axes."""
@@ -139,42 +154,40 @@ class Planner:
         return self.rows(jnp.int32, 3, length, batch_axis=1)
 
     def compile_generation(self, piece: int) -> dict:
-        """AOT-compile the real prefill (the whole context in pieces) and decode step; their times and temp bytes."""
+        """AOT-compile the real prefill (the prompt in pieces) and decode step in float32 (see `FLOAT32_NOTE`);
+        their compile times and temporary bytes, the latter scaled to the planned dtype."""
         import jax
         import jax.numpy as jnp
 
         from qwen_jax.generation import GenerationSettings, Prompt, _jit_prefill, _jit_step
         from qwen_jax.sampling import SamplingConfig
 
+        params, cache = self.abstract_state(self.config, jnp.float32)
         length = prompt_length(self.context, piece)
         prompt = Prompt(self.tokens(length), self.tokens(length), self.positions(length), None, None)
         settings = GenerationSettings(SamplingConfig(), 1, (), 0, 0)
         vocab = self.config.vocab_size
         # _jit_step(params, cache, token, positions, seen, generated, done, rng, step): decode positions are [batch].
-        step_args = (self.params, self.cache, self.rows(jnp.int32), self.rows(jnp.int32), self.rows(bool, vocab),
+        step_args = (params, cache, self.rows(jnp.int32), self.rows(jnp.int32), self.rows(bool, vocab),
                      self.rows(bool, vocab), self.rows(bool), jax.eval_shape(lambda: jax.random.key(0)),
                      jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
         out = {}
         with jax.set_mesh(self.mesh):
             for name, fn, args, static in (
-                ("prefill", _jit_prefill, (self.params, prompt), {"config": self.config, "max_len": self.context, "piece": piece}),
+                ("prefill", _jit_prefill, (params, prompt), {"config": self.config, "max_len": self.context, "piece": piece}),
                 ("decode", _jit_step, step_args, {"config": self.config, "settings": settings}),
             ):  # fmt: skip
                 start = time.perf_counter()
                 compiled = fn.lower(*args, **static).compile()
                 memory = compiled.memory_analysis()
-                out[name] = {"compile_s": time.perf_counter() - start,
-                             "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0) or 0)}  # fmt: skip
+                temp = int(getattr(memory, "temp_size_in_bytes", 0) or 0) * self.dtype.itemsize / 4
+                out[name] = {"compile_s": time.perf_counter() - start, "temp_bytes": int(temp)}
         return out
 
     def cost_per_token(self, piece: int) -> dict:
         """FLOPs and bytes per token (per device) of a prefill piece and of a decode step, from loop-free
-        variants: the model without layers, plus each segment's pattern once times its repeats.
-
-        The variants compile in float32: XLA:CPU has no bfloat16 matmul and converts whole weight tensors to
-        float32 first, which its cost analysis counts as FLOPs and traffic that a TPU or GPU does not have. FLOPs
-        do not depend on the dtype; bytes are scaled by the dtype's size (an estimate: the float32 delta-net state
-        and norms do not shrink)."""
+        variants (float32, see `FLOAT32_NOTE`): the model without layers, plus each segment's pattern once times
+        its repeats."""
         from qwen_jax.stacking import layer_segments
 
         segments = layer_segments(self.config)
@@ -204,17 +217,13 @@ class Planner:
         import jax
         import jax.numpy as jnp
 
-        from qwen_jax.cache import cache_logical_axes, init_cache
-        from qwen_jax.model import abstract_params, forward_with_cache
-        from qwen_jax.sharding import tree_shardings
+        from qwen_jax.model import forward_with_cache
 
-        params = abstract_params(config, jnp.float32, self.mesh)
-        cache = jax.eval_shape(lambda: init_cache(config, self.batch, self.context, jnp.float32))
-        cache = _sharded(cache, tree_shardings(cache, cache_logical_axes(cache), self.mesh))
+        params, cache = self.abstract_state(config, jnp.float32)
         ids, mask, positions = self.tokens(tokens), self.tokens(tokens), self.positions(tokens)
 
         def step(params, cache, ids, mask, positions):
-            return forward_with_cache(params, config, ids, positions, cache, mask, last_only=tokens == 1)
+            return forward_with_cache(params, config, ids, positions, cache, mask, last_only=True)  # as generation
 
         with jax.set_mesh(self.mesh):
             compiled = jax.jit(step).lower(params, cache, ids, mask, positions).compile()
