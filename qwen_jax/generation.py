@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import time
+from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
@@ -153,7 +154,8 @@ def _generate(params, config: TextConfig, prompt: Prompt, settings: GenerationSe
 
 
 def read_generation_config(model: Any) -> dict:
-    path = getattr(model, "path", None)
+    """The `generation_config.json` of a loaded model (or of a model directory), {} if it has none."""
+    path = model if isinstance(model, Path) else getattr(model, "path", None)
     file = None if path is None else path / "generation_config.json"
     if file is None or not file.exists():
         return {}

@@ -37,15 +37,29 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None, lo
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="python -m qwen_jax.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", type=Path, help="converted model directory (default: the embedded demo model)")
+    p.add_argument(
+        "--ckpt", type=Path, help="converted model directory (default: the embedded demo model, which continues text)"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     source.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")
-    p.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
-                   help="an image to ask about (repeatable; vision-language checkpoints)")
-    p.add_argument("--video", action="append", default=[], type=Path, metavar="PATH",
-                   help="a video file, or a folder of frames at 2 fps (repeatable)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="an image to ask about (repeatable; vision-language checkpoints)",
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="a video file, or a folder of frames at 2 fps (repeatable)",
+    )
     p.add_argument("--max-new-tokens", type=_bounded(int, 1), default=None)
     p.add_argument("--temperature", type=_bounded(float, 0.0), default=None, help="0 = greedy")
     p.add_argument("--top-k", type=_bounded(int, 0), default=None)
@@ -65,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_checkpoint(path: Path | None) -> Path:
-    if path is None:
-        raise InputError("no embedded demo model yet (it arrives with the training work); pass --ckpt DIR")
+# The demo model (configs/demo-train.json): a small Qwen3.5-MoE trained on the public-domain books of data/corpus.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+
+
+def _check_checkpoint(path: Path) -> Path:
     if not path.is_dir():
         raise InputError(f"--ckpt {path}: no such directory")
     from qwen_jax.checkpoint.format import read_metadata
@@ -121,10 +137,13 @@ class Session:
 
         if self.args.no_chat:
             tokens = VisionTokens()
-            rendered = "".join(
-                [tokens.vision_start + tokens.image + tokens.vision_end] * len(self.args.image)
-                + [tokens.vision_start + tokens.video + tokens.vision_end] * len(self.args.video)
-            ) + rendered
+            rendered = (
+                "".join(
+                    [tokens.vision_start + tokens.image + tokens.vision_end] * len(self.args.image)
+                    + [tokens.vision_start + tokens.video + tokens.vision_end] * len(self.args.video)
+                )
+                + rendered
+            )
         return expand_vision_placeholders(
             rendered, self.vision.get("image_grid_thw"), self.vision.get("video_grid_thw"), self.timestamps,
             self.config.vision.spatial_merge_size,
@@ -156,10 +175,13 @@ class Session:
             self.model = qwen_jax.load(self.args.ckpt)
         from qwen_jax.generation import stream
 
+        from qwen_jax.generation import read_generation_config
+
         a = self.args
+        defaults = read_generation_config(self.model)
         max_new = a.max_new_tokens
         if max_new is None:
-            max_new = min(1024, self.context - len(ids))
+            max_new = min(int(defaults.get("max_new_tokens", 1024)), self.context - len(ids))
         stop = [
             t
             for t in (self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>"))
@@ -170,6 +192,8 @@ class Session:
                       repetition_penalty=a.repetition_penalty, seed=a.seed)  # fmt: skip
         if stop and not a.no_chat:
             kwargs["eos_token_id"] = stop
+        eos = kwargs.get("eos_token_id", defaults.get("eos_token_id", ()))
+        stop_tokens = {eos} if isinstance(eos, int) else set(eos or ())
         timings: dict = {}
         tokens: list[int] = []
         shown = 0
@@ -178,7 +202,7 @@ class Session:
             write("[thinking]\n")
         for token in stream(self.model, [ids], timings=timings, **kwargs, **self.vision):
             token = int(token[0])
-            if token in kwargs.get("eos_token_id", ()):
+            if token in stop_tokens:
                 break
             tokens.append(token)
             text_so_far = self.tokenizer.decode(tokens)
@@ -202,6 +226,8 @@ class Session:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ckpt is None:  # the demo model was trained on plain text, not chats: it continues the prompt
+        args.ckpt, args.no_chat = DEMO_MODEL, True
     ckpt = _check_checkpoint(args.ckpt)
     args.ckpt = ckpt
     from qwen_jax.config import load_config

@@ -78,7 +78,6 @@ def bad_invocation(*args: str) -> tuple[int, str, bool]:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "hi"], "no embedded demo model"),
         (["--ckpt", "/nonexistent/model", "--prompt", "hi"], "no such directory"),
         (["--ckpt", str(REPO), "--prompt", "hi"], "not a qwen-jax model directory"),
         (["--ckpt", "CKPT", "--prompt", "   "], "empty prompt"),
@@ -110,8 +109,9 @@ def vl_chat_model_dir(built_models, tmp_path_factory) -> Path:
     words += [f"w{i}" for i in range(290 - len(words))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
-                            "<|im_end|>"])  # fmt: skip  (ids 290..295, as the config's image/video/start/end ids)
+    tok.add_special_tokens(
+        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
+    )  # fmt: skip  (ids 290..295, as the config's image/video/start/end ids)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))
     return directory
@@ -156,3 +156,13 @@ def test_bad_media_fail_before_importing_jax(vl_chat_model_dir, chat_model_dir, 
         lines = stderr.strip().splitlines()
         assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
         assert not imported_jax
+
+
+def test_readme_first_command_samples_the_demo_model():
+    """`python -m qwen_jax.sample --prompt ...` with no --ckpt continues the prompt with the embedded demo model."""
+    out = subprocess.run([sys.executable, "-m", "qwen_jax.sample", "--prompt", "It was a dark night, and",
+                          "--max-new-tokens", "12", "--json"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    reply = json.loads(out.stdout)
+    assert 1 <= len(reply["tokens"]) <= 12 and reply["text"].strip()
