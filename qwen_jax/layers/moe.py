@@ -5,16 +5,21 @@ for Qwen3-Next). Dispatch is dropless: token copies sorted by expert and two gro
 (`qwen_jax.layers.grouped_matmul`: `lax.ragged_dot` on TPU and GPU, a tiled scan on CPU), so each token pays for
 its k experts only.
 
-Expert parallelism (a mesh with an `expert` axis): each device holds `experts / n` whole experts and runs the dispatch
-under `shard_map` for its own experts only; copies routed elsewhere contribute zero, and a `psum` over the expert axis
-adds the partial outputs. Tokens are split over the batch axes (data, fsdp) and replicated across the expert axis, so
-this exchange is one all-reduce of the layer output per step. It is the right exchange for decode and for small
-prefill batches, where an all-to-all of `k` copies per token would move more data and add latency; an all-to-all
-dispatch pays off only when tokens are also split over the expert axis at large prefill batches.
+Expert parallelism (a mesh with an `expert` axis of n devices): each device holds `experts / n` whole experts and
+runs the dispatch under `shard_map` for its own experts only. Tokens are split over the batch axes (data, fsdp) and
+replicated across the expert axis, and the token exchange is chosen per call from its size (`choose_exchange`):
+- all-reduce (decode, small batches): every device computes its experts' share for all tokens, copies routed
+  elsewhere contribute zero, and a `psum` adds the partial outputs: one collective of `tokens x hidden`, the least
+  latency.
+- all-to-all (prefill, large batches, when n > 2k): each device takes `tokens / n` of the tokens, sends each copy
+  to the device holding its expert (`ragged_all_to_all`), gets the results back the same way and all-gathers the
+  outputs. It moves `2 k tokens / n + tokens` rows per device instead of the all-reduce's `2 tokens`, so it pays
+  off once n > 2k and the rows are many enough to amortize three collectives instead of one.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +30,7 @@ from qwen_jax.config import TextConfig
 from qwen_jax.layers.grouped_matmul import grouped_matmul
 from qwen_jax.layers.linear import INIT_STD, Linear
 from qwen_jax.layers.mlp import MLP
+from qwen_jax.layers.ragged_exchange import ragged_all_to_all
 
 
 def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -57,7 +63,7 @@ def routed_experts(
     """
     tokens, k = experts.shape
     local_experts, _, two_inter = gate_up.shape
-    local = experts.reshape(-1) - first_expert
+    local = jnp.asarray(experts).reshape(-1) - first_expert
     held = (local >= 0) & (local < local_experts)
     gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     if tokens * k <= SMALL_BATCH_COPIES and tokens * k < local_experts:
@@ -68,27 +74,107 @@ def routed_experts(
         h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
         y = jnp.where(held[:, None], jnp.einsum("ni,nih->nh", h, pick(down)), 0)
     else:
-        # Copies for experts held elsewhere sort last, into a group that no matmul reads.
-        local = jnp.where(held, local, local_experts)
-        order = jnp.argsort(local, stable=True)
-        group_sizes = jnp.bincount(local, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-        h = grouped_matmul(x[order // k], gate_up, group_sizes)
-        h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
-        ys = jnp.where(held[order][:, None], grouped_matmul(h, down, group_sizes), 0)
-        y = jnp.zeros_like(ys).at[order].set(ys)
+        y = _grouped_ffn(x, jnp.arange(tokens * k) // k, local, held, gate_up, down)
+    return _combine(y, weights, x.dtype)
+
+
+def _combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
+    """Expert outputs of the copies `[tokens * k, hidden]` weighted and summed per token -> `[tokens, hidden]`."""
+    tokens, k = weights.shape
     y = y.reshape(tokens, k, -1).astype(jnp.float32)
-    return jnp.einsum("tkh,tk->th", y, weights.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+    return jnp.einsum("tkh,tk->th", y, weights.astype(dtype).astype(jnp.float32)).astype(dtype)
+
+
+def _grouped_ffn(
+    x: jax.Array, source: jax.Array, local: jax.Array, held: jax.Array, gate_up: jax.Array, down: jax.Array
+) -> jax.Array:
+    """The expert FFN of rows `x[source]` `[rows]` by their local expert `local [rows]`, sorted into groups for two
+    grouped matmuls; rows not `held` here give zeros. -> `[rows, hidden]` in the order of `source`."""
+    local_experts, _, two_inter = gate_up.shape
+    # Rows for experts held elsewhere sort last, into a group that no matmul reads.
+    local = jnp.where(held, local, local_experts)
+    order = jnp.argsort(local, stable=True)
+    group_sizes = jnp.bincount(local, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    h = grouped_matmul(x[source[order]], gate_up, group_sizes)
+    h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
+    ys = jnp.where(held[order][:, None], grouped_matmul(h, down, group_sizes), 0)
+    return jnp.zeros_like(ys).at[order].set(ys)
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def all_to_all_experts(
+    x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, axis_name: str
+) -> jax.Array:
+    """`routed_experts` with the token copies sent to the devices that hold their experts (inside `shard_map`).
+
+    x `[tokens, hidden]`, weights/experts `[tokens, k]`, replicated over `axis_name` (n devices, `tokens` a
+    multiple of n); gate_up/down: this device's experts, `len(gate_up)` consecutive ones per device. Device i takes
+    tokens `i * tokens / n ...`, sorts their copies by expert (so by destination), sends each device the copies
+    for its experts (`ragged_all_to_all`), runs its grouped FFN on what it receives, sends the results back the
+    same way, combines them per token, and all-gathers the tokens' outputs -> `[tokens, hidden]`, replicated.
+    """
+    tokens, k = experts.shape
+    n, i = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    if tokens % n:
+        raise ValueError(f"the all-to-all exchange needs tokens ({tokens}) divisible by the {axis_name} axis ({n})")
+    local_experts = gate_up.shape[0]
+    mine = tokens // n
+    x_mine, w_mine, e_mine = (jax.lax.dynamic_slice_in_dim(a, i * mine, mine) for a in (x, weights, experts))
+    copies = e_mine.reshape(-1).astype(jnp.int32)  # [mine * k] global expert ids
+    order = jnp.argsort(copies, stable=True)  # by expert, so by destination device
+    send_sizes = jnp.bincount(copies // local_experts, length=n).astype(jnp.int32)
+    sizes = jax.lax.all_gather(send_sizes, axis_name)  # [sender, destination]
+    sent_from = _exclusive_cumsum(sizes, axis=1)  # where each sender's rows for each destination start
+    arrive_at = _exclusive_cumsum(sizes, axis=0)  # where they land at the destination
+    recv_sizes = sizes[:, i]
+    capacity = tokens * k  # every copy of every device to this one
+    exchange = functools.partial(ragged_all_to_all, axis_name=axis_name)
+
+    rows = exchange(x_mine[order // k], jnp.zeros((capacity, x.shape[1]), x.dtype), sent_from[i], send_sizes,
+                    arrive_at[i], recv_sizes)  # fmt: skip
+    # Rows past what arrived keep the fill: an expert id no device holds.
+    ids = exchange(copies[order], jnp.full((capacity,), n * local_experts, jnp.int32), sent_from[i], send_sizes,
+                   arrive_at[i], recv_sizes)  # fmt: skip
+    local = ids - i * local_experts
+    held = (local >= 0) & (local < local_experts)
+    y = _grouped_ffn(rows, jnp.arange(capacity), local, held, gate_up.astype(x.dtype), down.astype(x.dtype))
+    # Back: the rows from sender s sit at arrive_at[s, i]; they return to s's sorted copies at sent_from[s, i].
+    back = exchange(y, jnp.zeros((mine * k, x.shape[1]), x.dtype), arrive_at[:, i], recv_sizes, sent_from[:, i],
+                    send_sizes)  # fmt: skip
+    out_mine = _combine(jnp.zeros_like(back).at[order].set(back), w_mine, x.dtype)
+    return jax.lax.all_gather(out_mine, axis_name, tiled=True)
 
 
 GATE_UP_AXES = ("expert", "embed", None)
 DOWN_AXES = ("expert", None, "embed")
 
 
+# The all-to-all exchange needs at least this many tokens per device of the expert axis.
+ALL_TO_ALL_MIN_TOKENS_PER_DEVICE = 32
+EXCHANGES = ("all_reduce", "all_to_all")
+
+
+def choose_exchange(tokens: int, k: int, n: int) -> str:
+    """The token exchange for `tokens` (per batch shard) with top-`k` routing over an expert axis of `n` (see the
+    module docstring)."""
+    if n > 2 * k and tokens % n == 0 and tokens // n >= ALL_TO_ALL_MIN_TOKENS_PER_DEVICE:
+        return "all_to_all"
+    return "all_reduce"
+
+
 def expert_parallel(
-    x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate_up: jax.Array,
+    down: jax.Array,
+    exchange: str | None = None,
 ) -> jax.Array:
     """`routed_experts` over the current mesh (`jax.set_mesh`): expert-parallel under `shard_map` when the mesh
-    has more than one device, plain otherwise."""
+    has more than one device, plain otherwise. `exchange`: one of `EXCHANGES`, or None to `choose_exchange`."""
     from jax.sharding import PartitionSpec as P
 
     from qwen_jax.sharding import BATCH_AXES, spec_for
@@ -107,9 +193,14 @@ def expert_parallel(
             gate_up = jax.lax.all_gather(gate_up, gate_up_spec[1], axis=1, tiled=True)
         if down_spec[2] is not None:
             down = jax.lax.all_gather(down, down_spec[2], axis=2, tiled=True)
-        first = jax.lax.axis_index("expert") * gate_up.shape[0] if mesh.shape["expert"] > 1 else 0
-        out = routed_experts(x, weights, experts, gate_up, down, first)
-        return jax.lax.psum(out, "expert") if mesh.shape["expert"] > 1 else out
+        n = mesh.shape["expert"]
+        if n == 1:
+            return routed_experts(x, weights, experts, gate_up, down)
+        how = exchange or choose_exchange(x.shape[0], experts.shape[1], n)
+        if how == "all_to_all":
+            return all_to_all_experts(x, weights, experts, gate_up, down, "expert")
+        out = routed_experts(x, weights, experts, gate_up, down, jax.lax.axis_index("expert") * gate_up.shape[0])
+        return jax.lax.psum(out, "expert")
 
     return jax.shard_map(
         local,
