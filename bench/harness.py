@@ -63,7 +63,7 @@ class Sizes:
 
 
 FULL = Sizes(FULL_MODEL, (512, 2048), (1, 8), 32, 64, (512, 2048, 8192), 4096, 1 << 30, 3)
-SMOKE = Sizes(SMOKE_MODEL, (64, 128), (1, 8), 16, 32, (64, 128, 256), 256, 32 << 20, 2)
+SMOKE = Sizes(SMOKE_MODEL, (128,), (1, 8), 16, 32, (64, 256), 256, 32 << 20, 2)
 
 
 class Timing(NamedTuple):

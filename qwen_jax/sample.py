@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="enable or disable the model's thinking (default: the template's default)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per reply instead of streaming text")
+    p.add_argument("--mesh", default=None, help='shard the model over a device mesh, e.g. "data=2,expert=4"')
     return p
 
 
@@ -172,7 +173,7 @@ class Session:
             from qwen_jax import runtime
 
             runtime.setup()
-            self.model = qwen_jax.load(self.args.ckpt)
+            self.model = qwen_jax.load(self.args.ckpt, mesh=self.args.mesh)
         from qwen_jax.generation import stream
 
         from qwen_jax.generation import read_generation_config
@@ -230,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
         args.ckpt, args.no_chat = DEMO_MODEL, True
     ckpt = _check_checkpoint(args.ckpt)
     args.ckpt = ckpt
+    if args.mesh is not None:
+        from qwen_jax.mesh_spec import parse_mesh_spec
+
+        parse_mesh_spec(args.mesh)  # a bad spec fails here, before jax starts
     from qwen_jax.config import load_config
 
     tokenizer = ChatTokenizer(ckpt)

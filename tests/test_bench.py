@@ -26,9 +26,9 @@ def test_side_by_side_benchmark_smoke(tmp_path):
     out = run(["bench/run.py", "--smoke", "--out", str(tmp_path / "run.json")])
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run.json").read_text())
-    assert {r["tokens"] for r in results["prefill"]} == {64, 128}
+    assert {r["tokens"] for r in results["prefill"]} == {128}
     assert {(r["batch"], r["weights"]) for r in results["decode"]} == {(1, "float32"), (8, "float32"), (1, "bfloat16")}
-    assert [r["tokens"] for r in results["delta_rule"]] == [64, 128, 256]
+    assert [r["tokens"] for r in results["delta_rule"]] == [64, 256]
     assert results["limits"]["matmul_flops_per_s"] > 0 and results["limits"]["bandwidth_bytes_per_s"] > 0
     # Both sides computed the same thing: greedy tokens, logits and delta-rule outputs agree.
     checks = results["checks"]

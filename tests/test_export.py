@@ -196,3 +196,36 @@ def test_failure_while_writing_leaves_nothing(built_models, tmp_path):
     dst = tmp_path / "out"
     assert_refused(run_cli(src, dst), dst, "lm_head.weight")
     assert not dst.exists()
+
+
+@pytest.mark.timeout(600)
+def test_fine_tuned_demo_model_exports_and_loads_in_transformers(tmp_path):
+    """Fine-tune the embedded demo model (a model directory with no source record) for two steps, export it
+    (official layout), load it in transformers: the same logits as qwen-jax (issue-2 tolerance: 1e-4 of the
+    largest logit)."""
+    import qwen_jax
+    from qwen_jax.sample import DEMO_MODEL
+    from qwen_jax.train import make_recipe, train
+
+    chats = tmp_path / "chats.jsonl"
+    messages = [{"role": "user", "content": "Who wrote Emma?"}, {"role": "assistant", "content": "Jane Austen."}]
+    chats.write_text(json.dumps({"messages": messages}) + "\n")
+    recipe = make_recipe({"init": str(DEMO_MODEL), "data": [str(chats)], "held_out_fraction": 0.0, "seq_len": 32,
+                          "batch_size": 2, "steps": 2, "warmup_steps": 0, "checkpoint_every": 2,
+                          "save_dtype": "float32", "run_dir": str(tmp_path / "run"),
+                          "output": str(tmp_path / "tuned")})  # fmt: skip
+    tuned = train(recipe, progress=False, log=lambda _: None).output
+    dst = tmp_path / "hf"
+    result = run_cli(tuned, dst)
+    assert result.returncode == 0, result.stderr
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32,
+                                                                     output_loading_info=True)  # fmt: skip
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    ids = np.random.default_rng(0).integers(1, 4000, size=(2, 70))
+    with torch.no_grad():
+        reference = loaded.eval()(input_ids=torch.from_numpy(ids)).logits.numpy()
+    ours = np.asarray(qwen_jax.load(tuned)(ids))
+    assert np.abs(ours - reference).max() <= 1e-4 * np.abs(reference).max()
+    # And the weights moved: this is the fine-tuned model, not the demo.
+    demo = np.asarray(qwen_jax.load(DEMO_MODEL, dtype=np.float32)(ids))
+    assert np.abs(ours - demo).max() > 1e-3

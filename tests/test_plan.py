@@ -71,3 +71,37 @@ def test_plan_command_line_errors(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["--config", "qwen3.5-0.8b", "--mesh", "data=1", *bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_readme_plan_command_for_the_397b_model():
+    """The README's planner command (Qwen3.5-397B-A17B on 64 simulated devices, expert=64): it runs, and its
+    per-device parameter bytes are the experts (and the router's columns) split 64 ways plus everything else whole (bfloat16; A_log, dt_bias
+    and norm weights float32), counted here from the parameter shapes."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.checkpoint.hf_mapping import keeps_float32
+    from qwen_jax.config import load_config
+    from qwen_jax.model import param_shapes
+    from qwen_jax.plan import CONFIG_DIR
+    from qwen_jax.vision import vision_param_shapes
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-m", "qwen_jax.plan", "--config", "qwen3.5-397b-a17b", "--mesh", "expert=64",
+                          "--batch", "8", "--context", "32768", "--json"], capture_output=True, text=True, timeout=550,
+                         env=env, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["devices"] == 64 and report["mesh"]["expert"] == 64
+    config = load_config(CONFIG_DIR / "qwen3.5-397b-a17b.json")
+    tree = dict(param_shapes(config.text), visual=vision_param_shapes(config.vision))
+    expected = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        size = math.prod(leaf.shape) * (4 if keeps_float32(name) else jnp.dtype(jnp.bfloat16).itemsize)
+        split = "/experts/" in name or name.endswith("mlp/gate/kernel")  # experts, and the router's expert columns
+        expected += size // 64 if split else size
+    assert report["per_device_bytes"]["params"] == expected

@@ -84,6 +84,7 @@ def bad_invocation(*args: str) -> tuple[int, str, bool]:
         (["--ckpt", "CKPT", "--prompt-file", "LONG"], "does not fit the model's context"),
         (["--ckpt", "CKPT", "--prompt", "hi", "--top-p", "2"], "--top-p"),
         (["--ckpt", "CKPT"], "one of the arguments"),
+        (["--ckpt", "CKPT", "--prompt", "hi", "--mesh", "model=2"], "mesh axis 'model' unknown"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_importing_jax(chat_model_dir, tmp_path, args, message):
@@ -97,14 +98,11 @@ def test_bad_input_fails_with_one_line_before_importing_jax(chat_model_dir, tmp_
     assert not imported_jax
 
 
-@pytest.fixture(scope="module")
-def vl_chat_model_dir(built_models, tmp_path_factory) -> Path:
-    """The tiny Qwen3.5 vision-language model with a tokenizer whose vision tokens have the config's ids."""
+def write_vl_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer whose vision tokens have the tiny vision-language configs' ids, and a chat template."""
     from test_chat import TEMPLATE
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    directory = tmp_path_factory.mktemp("vlcli") / "model"
-    shutil.copytree(built_models("qwen3_5_vl").converted_dir, directory)
     words = ["[UNK]", "what", "is", "in", "the", "picture", "user", "assistant"]
     words += [f"w{i}" for i in range(290 - len(words))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
@@ -114,6 +112,14 @@ def vl_chat_model_dir(built_models, tmp_path_factory) -> Path:
     )  # fmt: skip  (ids 290..295, as the config's image/video/start/end ids)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))
+
+
+@pytest.fixture(scope="module")
+def vl_chat_model_dir(built_models, tmp_path_factory) -> Path:
+    """The tiny Qwen3.5 vision-language model with a tokenizer whose vision tokens have the config's ids."""
+    directory = tmp_path_factory.mktemp("vlcli") / "model"
+    shutil.copytree(built_models("qwen3_5_vl").converted_dir, directory)
+    write_vl_tokenizer(directory)
     return directory
 
 
@@ -166,3 +172,18 @@ def test_readme_first_command_samples_the_demo_model():
     assert out.returncode == 0, out.stderr[-2000:]
     reply = json.loads(out.stdout)
     assert 1 <= len(reply["tokens"]) <= 12 and reply["text"].strip()
+
+
+def test_video_prompt_from_a_folder_of_frames(vl_chat_model_dir, tmp_path):
+    """The README's `--video` command, with a folder of frames (2 fps) instead of a video file."""
+    from PIL import Image
+
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(frames / f"{i:03d}.png")
+    result = run_cli("--ckpt", str(vl_chat_model_dir), "--prompt", "what is in the picture", "--video", str(frames),
+                     "--max-new-tokens", "4", "--no-thinking", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert 1 <= len(json.loads(result.stdout)["tokens"]) <= 4
