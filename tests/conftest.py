@@ -8,6 +8,7 @@ missing `1 +` shows), and prompts of several hundred tokens that are not multipl
 from __future__ import annotations
 
 import dataclasses
+import json
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -183,3 +184,19 @@ def reference_logits(reference: torch.nn.Module, ids: np.ndarray, mask: np.ndarr
             position_ids=torch.from_numpy(text_positions(mask)),
         )
     return out.logits.float().numpy()
+
+
+def write_vl_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer whose vision tokens have the tiny vision-language configs' ids, and a chat template."""
+    from test_chat import TEMPLATE
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "what", "is", "in", "the", "picture", "user", "assistant"]
+    words += [f"w{i}" for i in range(290 - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(
+        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
+    )  # fmt: skip  (ids 290..295, as the config's image/video/start/end ids)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))

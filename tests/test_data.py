@@ -216,31 +216,15 @@ def test_sources_and_errors(tmp_path, tokenizer):
     assert "bad.jsonl:1: not valid JSON" in error("{oops")
     assert "expected" in error('{"text": "x"}')
     assert "contains <|im_start|>" in error(json.dumps({"messages": [{"role": "user", "content": "<|im_start|>"}]}))
-    with_image = {"messages": CONVERSATIONS[0], "images": ["cat.png"]}
+    question = {"role": "user", "content": [{"type": "image"}, {"type": "image", "image": "dog.png"}]}
+    with_image = {"messages": [question, {"role": "assistant", "content": "Two."}], "images": ["cat.png"]}
     (tmp_path / "img.jsonl").write_text(json.dumps(with_image))
     (image_doc,) = data.chat_documents([tmp_path / "img.jsonl"])
-    assert image_doc["images"] == [str(tmp_path / "cat.png")]
-    with pytest.raises(InputError, match="has images, but no image processor"):
+    assert data.image_paths(image_doc) == [str(tmp_path / "cat.png"), str(tmp_path / "dog.png")]
+    with pytest.raises(InputError, match="has images, but the model has no vision tower"):
         data.packed_batches([image_doc], tokenizer, seq_len=64, batch_size=1)
     with pytest.raises(InputError, match="no such file"):
         data.load_documents([tmp_path / "missing"])
-
-
-def test_image_processor_hook(tmp_path, tokenizer):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
-                {"role": "assistant", "content": "A cat."}]  # fmt: skip
-    document = {"messages": messages, "images": ["cat.png"], "source": "x"}
-    calls = []
-
-    def processor(text: str, images: list[str]) -> str:
-        calls.append(images)
-        return text.replace("<|image_pad|>", "<|image_pad|>" * 3)
-
-    ours = data.tokenize_document(tokenizer, document, processor=processor)
-    assert calls == [["cat.png", ""]]  # the document's paths, then the inline image part's (none given)
-    text = tokenizer.render(messages, add_generation_prompt=False).replace("<|image_pad|>", "<|image_pad|>" * 3)
-    assert ours["tokens"].tolist() == tokenizer.encode(text)
-    assert tokenizer.decode(ours["tokens"][ours["mask"] == 1]) == "A cat.<|im_end|>"
 
 
 def test_build_tokenizer_cli_errors(tmp_path, capsys):

@@ -33,7 +33,7 @@ def outputs(notebook: nbformat.NotebookNode) -> str:
 @pytest.mark.timeout(600)
 def test_quickstart_runs(built_models, tmp_path):
     from PIL import Image
-    from test_sample_cli import write_vl_tokenizer
+    from conftest import write_vl_tokenizer
 
     hf = tmp_path / "hf"
     shutil.copytree(built_models("qwen3_5_vl").hf_dir, hf)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_vl_tokenizer
 from test_chat import write_chat_files
 
 import qwen_jax
@@ -96,22 +97,6 @@ def test_bad_input_fails_with_one_line_before_importing_jax(chat_model_dir, tmp_
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
     assert not imported_jax
-
-
-def write_vl_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer whose vision tokens have the tiny vision-language configs' ids, and a chat template."""
-    from test_chat import TEMPLATE
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["[UNK]", "what", "is", "in", "the", "picture", "user", "assistant"]
-    words += [f"w{i}" for i in range(290 - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(
-        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
-    )  # fmt: skip  (ids 290..295, as the config's image/video/start/end ids)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 
 The directory gets `config.json` (the model config as given), the tokenizer files, `params/<group>/` per top-level
 parameter group in the storage layout (`layers_{i}` per decoder layer) and `qwen_jax.json`. A model fine-tuned from
-a converted directory keeps that directory's source record (so an export can rebuild the original layout) and its
-`mtp/` tensors; one trained from scratch has no source record (the exporter then writes the official layout). The
+a converted directory keeps that directory's source record (so an export can rebuild the original layout), its
+image/video processor settings and its `mtp/` tensors; one trained from scratch has no source record (the exporter then writes the official layout). The
 directory is built in a temporary sibling and renamed into place when complete.
 """
 
@@ -28,6 +28,7 @@ from qwen_jax.stacking import unstack_layers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
 def storage_params(params: Any, config: TextConfig, dtype: Any) -> dict:
@@ -75,6 +76,9 @@ def save_model_dir(
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         for group, subtree in tree.items():
             save_tree(tmp / PARAMS_DIR / group, subtree)
+        for name in PROCESSOR_FILES if init_dir is not None else ():
+            if (Path(init_dir) / name).is_file():
+                shutil.copy2(Path(init_dir) / name, tmp / name)
         if init_dir is not None and (Path(init_dir) / MTP_DIR).is_dir():
             shutil.copytree(Path(init_dir) / MTP_DIR, tmp / MTP_DIR)
         metadata = {

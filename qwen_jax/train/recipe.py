@@ -23,6 +23,7 @@ entry is a dict of overrides that `--smoke` applies (a few steps of a small run,
 | `checkpoint_every`, `keep_checkpoints`, `log_every` | train-state checkpoints and console/JSONL metrics |
 | `run_dir` | checkpoints (`checkpoints/`) and metrics (`metrics.jsonl`); a rerun resumes from its latest checkpoint |
 | `output` | the trained model directory (must not exist; written atomically at the end) |
+| `image_patches_per_row` | image patches each packed row holds (conversations with images; a multiple of 4) |
 | `mesh` | a mesh spec such as `"data=2,fsdp=2"` (null: no mesh) |
 | `seed` | parameter initialization and data order |
 """
@@ -71,6 +72,7 @@ class Recipe:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    image_patches_per_row: int = 4096
     mesh: str | None = None
     seed: int = 0
 
@@ -119,7 +121,7 @@ def _check_type(key: str, value: Any) -> Any:
 
 def _check(recipe: Recipe) -> None:
     positive = ("seq_len", "batch_size", "grad_accum", "steps", "loss_chunk", "checkpoint_every", "log_every",
-                "keep_checkpoints")  # fmt: skip
+                "keep_checkpoints", "image_patches_per_row")  # fmt: skip
     for key in positive:
         if getattr(recipe, key) < 1:
             raise InputError(f"recipe key {key!r}: must be >= 1, got {getattr(recipe, key)}")

@@ -40,13 +40,16 @@ import optax
 
 from qwen_jax.chat import ChatTokenizer
 from qwen_jax.checkpoint.hf_mapping import keeps_float32
-from qwen_jax.config import TextConfig, parse_config
+from qwen_jax.config import ModelConfig, TextConfig, VisionConfig, parse_config
 from qwen_jax.errors import InputError
-from qwen_jax.model import decoder_outputs, init_params, output_weights
-from qwen_jax.train.data import load_documents, packed_batches, split_documents
+from qwen_jax.model import compute_dtype, decoder_outputs, init_params, output_weights
+from qwen_jax.multimodal import packed_visual_inputs
+from qwen_jax.train.data import image_paths, load_documents, packed_batches, split_documents
+from qwen_jax.train.images import LAYOUT_KEYS, ImageInputs
 from qwen_jax.train.loss import load_balancing_loss, masked_sum, token_cross_entropy
 from qwen_jax.train.optimizer import learning_rate_schedule, make_optimizer, param_path
 from qwen_jax.train.recipe import Recipe
+from qwen_jax.vision import PatchLayout, init_vision_params
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -71,6 +74,8 @@ class LossSettings:
     remat: bool = False
     loss_chunk: int = 1024
     compute_dtype: str = "float32"
+    vision: VisionConfig | None = None  # the tower that encodes batches' images (`pixel_values`)
+    image_token_id: int = -1
 
 
 def compute_params(params: Any, dtype: str) -> Any:
@@ -89,11 +94,18 @@ def batch_objective(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(this micro-batch's share of the step objective, (sum of masked cross-entropies, load-balancing loss)).
 
-    batch: `[batch, seq]` arrays `input_ids`, `segment_ids`, `positions`, `targets`, `loss_mask`
-    (`qwen_jax.train.data`); normalizer: the step's number of masked targets."""
+    batch: `[batch, seq]` arrays `input_ids`, `segment_ids`, `positions`, `targets`, `loss_mask`, and for batches
+    with images `mrope_positions`, `pixel_values` and the patch layout (`qwen_jax.train.data`); normalizer: the
+    step's number of masked targets."""
     params = compute_params(params, settings.compute_dtype)
+    positions, visual = batch["positions"], None
+    if "pixel_values" in batch:
+        positions = jnp.moveaxis(batch["mrope_positions"], -1, 0)
+        layout = PatchLayout(*(batch[k] for k in LAYOUT_KEYS))
+        visual = packed_visual_inputs(params["visual"], settings.vision, settings.image_token_id, batch["input_ids"],
+                                      batch["pixel_values"], layout, compute_dtype(params))  # fmt: skip
     out = decoder_outputs(
-        params, config, batch["input_ids"], batch["positions"], batch["segment_ids"], remat=settings.remat
+        params, config, batch["input_ids"], positions, batch["segment_ids"], visual, remat=settings.remat
     )
     losses = token_cross_entropy(out.hidden, output_weights(params, config), batch["targets"], settings.loss_chunk)
     ce_sum = masked_sum(losses, batch["loss_mask"])
@@ -179,9 +191,13 @@ def _shardings(params: Any, config: TextConfig, mesh: Any) -> Any:
     return tree_shardings(abstract, stacked_param_logical_axes(config), mesh)
 
 
-def _initial_params(recipe: Recipe, config: TextConfig) -> Any:
+def _initial_params(recipe: Recipe, config: ModelConfig) -> Any:
     if recipe.init is None:
-        return init_params(config, jax.random.key(recipe.seed), jnp.float32)
+        key = jax.random.key(recipe.seed)
+        params = init_params(config.text, key, jnp.float32)
+        if config.vision is not None:
+            params["visual"] = init_vision_params(config.vision, jax.random.fold_in(key, 1))
+        return params
     import qwen_jax
 
     params = qwen_jax.load(recipe.init).params
@@ -229,8 +245,17 @@ def train(
         )
     documents = load_documents(recipe.data, recipe.delimiter)
     train_docs, held_docs = split_documents(documents, recipe.held_out_fraction)
+    images = None
+    if any("messages" in d and image_paths(d) for d in documents):
+        from qwen_jax.processing import ProcessorConfig
+
+        settings_dir = Path(recipe.init) if recipe.init else Path(recipe.model_config).parent
+        settings = ProcessorConfig.from_dir(settings_dir).image
+        images = ImageInputs.for_model(model_config, settings, recipe.image_patches_per_row)
     rows = recipe.batch_size * recipe.grad_accum
-    dataset = packed_batches(train_docs, tokenizer, seq_len=recipe.seq_len, batch_size=rows, seed=recipe.seed)
+    dataset = packed_batches(
+        train_docs, tokenizer, seq_len=recipe.seq_len, batch_size=rows, seed=recipe.seed, images=images
+    )
     iterator = iter(dataset)
 
     mesh = None
@@ -242,10 +267,11 @@ def train(
         recipe.learning_rate, recipe.warmup_steps, recipe.steps, recipe.end_learning_rate_fraction
     )
     aux_coef = router_aux_coef(raw_config) if recipe.aux_loss_coef is None else recipe.aux_loss_coef
-    settings = LossSettings(aux_coef, config.num_experts_per_tok, recipe.remat, recipe.loss_chunk, recipe.dtype)
+    settings = LossSettings(aux_coef, config.num_experts_per_tok, recipe.remat, recipe.loss_chunk, recipe.dtype,
+                            images and images.vision, images.image_token_id if images else -1)  # fmt: skip
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        params = _initial_params(recipe, config)
+        params = _initial_params(recipe, model_config)
         optimizer = make_optimizer(
             params, learning_rate=schedule, weight_decay=recipe.weight_decay, b1=recipe.adam_b1, b2=recipe.adam_b2,
             eps=recipe.adam_eps, clip_norm=recipe.clip_norm, frozen=recipe.frozen,
@@ -300,9 +326,11 @@ def train(
             window_start = time.perf_counter()
 
         for step in range(start + 1, recipe.steps + 1):
-            batch = {k: v.reshape(recipe.grad_accum, recipe.batch_size, -1) for k, v in next(iterator).items()}
+            batch = {
+                k: v.reshape(recipe.grad_accum, recipe.batch_size, *v.shape[1:]) for k, v in next(iterator).items()
+            }
             if mesh is not None:
-                batch = jax.device_put(batch, batch_sharding(mesh, 3, batch_axis=1))
+                batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, batch_axis=1)) for k, v in batch.items()}
             state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
             save = step % recipe.checkpoint_every == 0 or step == recipe.steps
@@ -325,9 +353,9 @@ def train(
         held, unigram, held_tokens = None, None, 0
         if held_docs:
             held, held_tokens = held_out_loss(
-                state.params, config, held_docs, tokenizer, recipe.seq_len, recipe.batch_size, recipe.loss_chunk
+                state.params, config, held_docs, tokenizer, recipe.seq_len, recipe.batch_size, recipe.loss_chunk, images
             )
-            unigram = unigram_baseline(train_docs, held_docs, tokenizer, recipe.seq_len, config.vocab_size)
+            unigram = unigram_baseline(train_docs, held_docs, tokenizer, recipe.seq_len, config.vocab_size, images)
             log(f"held-out loss {held:.4f} nats/token over {held_tokens} tokens (unigram baseline {unigram:.4f})")
         output = save_model_dir(
             recipe.output, state.params, config, raw_config, tokenizer_dir, recipe.save_dtype, recipe.init
