@@ -15,7 +15,8 @@ import numpy as np
 
 from qwen_jax.checkpoint.format import PARAMS_DIR, cast_tree, param_groups, read_metadata
 from qwen_jax.config import ModelConfig, load_config
-from qwen_jax.model import forward
+from qwen_jax.layers.fused_projections import fuse_layer
+from qwen_jax.model import forward, stacked_param_shardings, text_params
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -179,7 +180,12 @@ def _restore(directory: Path, config: ModelConfig, mesh: Any, dtype: Any) -> Any
                     buffer = _empty_stack(layer, segment.count, mesh) if buffer is None else buffer
                     buffer = _place_layer(buffer, layer, jnp.int32(cycle))
                     del layer
-                positions.append(buffer)
+                positions.append(fuse_layer(buffer, config.text))
             stacked.append(tuple(positions))
         params[STACKED] = tuple(stacked)
+    if mesh is not None:  # the fused projections into their own sharding
+        params = dict(
+            params,
+            **jax.device_put(text_params(params), stacked_param_shardings(text_params(params), config.text, mesh)),
+        )
     return params

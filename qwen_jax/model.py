@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from qwen_jax.cache import Cache
 from qwen_jax.config import LINEAR_ATTENTION, TextConfig
 from qwen_jax.layers.attention import Attention, attention_bias
+from qwen_jax.layers.fused_projections import fuse_layer
 from qwen_jax.layers.gated_deltanet import GatedDeltaNet
 from qwen_jax.layers.linear import INIT_STD, Linear
 from qwen_jax.layers.mlp import MLP
@@ -347,7 +348,7 @@ def init_params(config: TextConfig, rng: jax.Array, dtype: Any = jnp.float32) ->
             block = DecoderLayer(config, segment.layer(0, j), dtype)
             keys = jnp.stack([jax.random.fold_in(layer_key, segment.layer(c, j)) for c in range(segment.count)])
             init = jax.jit(jax.vmap(lambda key, block=block: nn.meta.unbox(block.init(key, *example)["params"])))
-            positions.append(init(keys))
+            positions.append(fuse_layer(init(keys), config))
         stacked.append(tuple(positions))
     params[STACKED] = tuple(stacked)
     return params
@@ -384,15 +385,24 @@ def param_logical_axes(config: TextConfig) -> Any:
 def stacked_param_logical_axes(config: TextConfig) -> Any:
     """Logical axis names of the stacked layout (`qwen_jax.stacking`): each stacked leaf gets a leading, never
     split, layer axis."""
+    from qwen_jax.layers.fused_projections import fuse_layer_names
     from qwen_jax.stacking import stacked_logical_axes
 
     names = param_logical_axes(config)
     out = {k: v for k, v in names.items() if not k.startswith("layers_")}
     out[STACKED] = tuple(
-        tuple(stacked_logical_axes(names[f"layers_{s.layer(0, j)}"]) for j in range(s.period))
+        tuple(stacked_logical_axes(fuse_layer_names(names[f"layers_{s.layer(0, j)}"])) for j in range(s.period))
         for s in layer_segments(config)
     )
     return out
+
+
+def stacked_param_shardings(params: Any, config: TextConfig, mesh: Any) -> Any:
+    """`NamedSharding`s on `mesh` for stacked text parameters (arrays or shape structs), from their logical axes."""
+    from qwen_jax.sharding import tree_shardings
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return tree_shardings(abstract, stacked_param_logical_axes(config), mesh)
 
 
 def abstract_params(config: TextConfig, dtype: Any, mesh: Any = None, vision: Any = None) -> Any:

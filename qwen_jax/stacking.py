@@ -9,7 +9,8 @@ several segments, each its own scan.
 Two layouts of the same decoder parameters:
 - storage: `layers_{i}/...` per layer, as on disk and in the reference (`qwen_jax.checkpoint`, the converter);
 - stacked (what the model computes with): `layers[segment][position]/...`, each leaf with a leading `[count]` axis,
-  holding layers `segment.layer(0, position), segment.layer(1, position), ...`.
+  holding layers `segment.layer(0, position), segment.layer(1, position), ...`, with the delta-net input
+  projections fused (`qwen_jax.layers.fused_projections`).
 The cache uses the stacked layout too.
 """
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import TextConfig
+from qwen_jax.layers.fused_projections import fuse_layer, split_layer
 
 STACKED = "layers"
 
@@ -70,7 +72,10 @@ def stack_layers(params: dict, config: TextConfig) -> dict:
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
     out[STACKED] = tuple(
         tuple(
-            jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layers_{s.layer(c, j)}"] for c in range(s.count)))
+            fuse_layer(
+                jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layers_{s.layer(c, j)}"] for c in range(s.count))),
+                config,
+            )
             for j in range(s.period)
         )
         for s in layer_segments(config)
@@ -85,6 +90,7 @@ def unstack_layers(params: dict, config: TextConfig) -> dict:
     out = {k: v for k, v in params.items() if k != STACKED}
     for segment, stacked in zip(layer_segments(config), params[STACKED]):
         for j, tree in enumerate(stacked):
+            tree = split_layer(tree, config)
             for c in range(segment.count):
                 out[f"layers_{segment.layer(c, j)}"] = jax.tree.map(lambda x, c=c: x[c], tree)
     return out
@@ -97,7 +103,7 @@ def layer_params(params: dict, config: TextConfig, index: int) -> Any:
     for segment, stacked in zip(layer_segments(config), params[STACKED]):
         cycle, position = divmod(index - segment.start, segment.period)
         if 0 <= cycle < segment.count:
-            return jax.tree.map(lambda x, cycle=cycle: x[cycle], stacked[position])
+            return split_layer(jax.tree.map(lambda x, cycle=cycle: x[cycle], stacked[position]), config)
     raise IndexError(f"no decoder layer {index}")
 
 

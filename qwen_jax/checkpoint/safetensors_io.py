@@ -58,6 +58,7 @@ class _File:
                 raise SafetensorsError(
                     f"{path.name}: truncated (tensor {key} ends at byte {end} of the data, which has {data_size})"
                 )
+
     def read(self, key: str) -> np.ndarray:
         e = self.entries[key]
         begin, end = e["data_offsets"]

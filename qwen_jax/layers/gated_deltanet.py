@@ -2,7 +2,8 @@
 
 x -> in_proj_qkv -> causal depthwise conv + SiLU -> q, k, v; in_proj_z -> z (output gate); in_proj_b -> beta =
 sigmoid(b); in_proj_a -> g = -exp(A_log) * softplus(a + dt_bias) (float32); the gated delta rule; gated RMSNorm
-with silu(z); out_proj.
+with silu(z); out_proj. The four input projections are one matmul (`in_proj`) in the stacked layout the model
+computes with (`qwen_jax.layers.fused_projections`); the module takes either layout.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 
 from qwen_jax.config import TextConfig
 from qwen_jax.layers.delta_rule import chunked_gated_delta_rule, gated_delta_step, prepare_inputs
+from qwen_jax.layers.fused_projections import FUSED_NAME, SPLIT_NAMES, split_outputs
 from qwen_jax.layers.linear import INIT_STD, Linear
 from qwen_jax.layers.norms import GatedRMSNorm
 
@@ -85,10 +87,12 @@ class GatedDeltaNet(nn.Module):
         def proj(features, name):
             return Linear(features, ("embed", "gdn_proj"), name=name, dtype=self.dtype)(x)
 
-        mixed = proj(c.conv_dim, "in_proj_qkv")
-        z = proj(c.value_dim, "in_proj_z").reshape(b, t, hv, dv)
-        beta_logit = proj(hv, "in_proj_b")
-        a = proj(hv, "in_proj_a")
+        if self.has_variable("params", FUSED_NAME):  # the layout the model computes with (`fused_projections`)
+            fused_width = c.conv_dim + c.value_dim + 2 * hv
+            mixed, z, beta_logit, a = split_outputs(proj(fused_width, FUSED_NAME), c)
+        else:  # the storage layout (also what `init` creates)
+            mixed, z, beta_logit, a = (proj(n, name) for n, name in zip((c.conv_dim, c.value_dim, hv, hv), SPLIT_NAMES))
+        z = z.reshape(b, t, hv, dv)
 
         conv = CausalConv1d(c.conv_dim, c.linear_conv_kernel_dim, self.dtype, name="conv1d")
         mixed, conv_state = conv(mixed, None if state is None else state.conv, segment_ids)

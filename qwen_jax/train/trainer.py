@@ -42,7 +42,7 @@ from qwen_jax.chat import ChatTokenizer
 from qwen_jax.checkpoint.hf_mapping import keeps_float32
 from qwen_jax.config import ModelConfig, TextConfig, VisionConfig, parse_config
 from qwen_jax.errors import InputError
-from qwen_jax.model import compute_dtype, decoder_outputs, init_params, output_weights
+from qwen_jax.model import compute_dtype, decoder_outputs, init_params, output_weights, stacked_param_shardings
 from qwen_jax.multimodal import packed_visual_inputs
 from qwen_jax.train.data import image_paths, load_documents, packed_batches, split_documents
 from qwen_jax.train.images import LAYOUT_KEYS, ImageInputs
@@ -182,15 +182,6 @@ class TrainResult:
     held_out_tokens: int
 
 
-def _shardings(params: Any, config: TextConfig, mesh: Any) -> Any:
-    """NamedShardings for stacked text parameters from the model's logical axes."""
-    from qwen_jax.model import stacked_param_logical_axes
-    from qwen_jax.sharding import tree_shardings
-
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    return tree_shardings(abstract, stacked_param_logical_axes(config), mesh)
-
-
 def _initial_params(recipe: Recipe, config: ModelConfig) -> Any:
     if recipe.init is None:
         key = jax.random.key(recipe.seed)
@@ -278,7 +269,7 @@ def train(
         )  # fmt: skip
         if mesh is not None:
             text = {k: v for k, v in params.items() if k != "visual"}
-            params = dict(params, **jax.device_put(text, _shardings(text, config, mesh)))
+            params = dict(params, **jax.device_put(text, stacked_param_shardings(text, config, mesh)))
         state = TrainState(
             jnp.int32(0), params, jax.jit(optimizer.init)(params), jax.random.key_data(jax.random.key(recipe.seed + 1))
         )

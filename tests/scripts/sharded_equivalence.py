@@ -44,7 +44,8 @@ def check(directory: str) -> None:
         err = float(np.abs(logits - ref_logits)[valid].max())
         tolerance = 1e-5 * float(np.abs(ref_logits[valid]).max())
         tokens = qwen_jax.generate(model, ids, mask, max_new_tokens=8, pad_token_id=0)
-        experts = [x for path, x in jax.tree_util.tree_leaves_with_path(model.params) if "gate_up_proj" in str(path)]
+        experts = [x for path, x in jax.tree_util.tree_leaves_with_path(model.params)
+                   if any(getattr(k, "key", None) == "experts" for k in path)]  # the routed experts  # fmt: skip
         expert_axis = model.mesh.shape["expert"]
         # Stacked layers: [layers, experts, ...], the expert axis second.
         experts_split = all(x.addressable_shards[0].data.shape[1] == x.shape[1] // expert_axis for x in experts)
