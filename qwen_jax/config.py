@@ -81,8 +81,9 @@ class TextConfig:
     # Qwen3-Next / Qwen3.5: zero-centred norms `(1 + w)` and a sigmoid output gate in attention. Qwen3-VL: neither.
     zero_centered_norm: bool = True
     attention_output_gate: bool = True
-    # The delta rule's chunk length for prefill / training (not a checkpoint field).
-    chunk_size: int = 64
+    # The delta rule's chunk length for prefill / training (not a checkpoint field); None: the backend's
+    # (`qwen_jax.layers.delta_rule.default_chunk_size`).
+    chunk_size: int | None = None
     # Compile analysis only (`qwen_jax.plan`): unroll the layer and chunk scans, whose bodies XLA's cost analysis
     # would otherwise count once.
     unroll_loops: bool = False

@@ -23,7 +23,7 @@ from qwen_jax.layers.fused_projections import fuse_layer
 from qwen_jax.layers.gated_deltanet import GatedDeltaNet
 from qwen_jax.layers.linear import INIT_STD, Linear
 from qwen_jax.layers.mlp import MLP
-from qwen_jax.layers.moe import SparseMoE
+from qwen_jax.layers.moe import SparseMoE, StackedExperts
 from qwen_jax.layers.norms import RMSNorm
 from qwen_jax.layers.rope import rotary_tables
 from qwen_jax.stacking import STACKED, Segment, layer_segments, stack_layers
@@ -50,10 +50,11 @@ class DecoderLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, mask, state=None, offset=None, cycle=None, segment_ids=None):
+    def __call__(self, x, cos, sin, bias, mask, state=None, offset=None, cycle=None, segment_ids=None, experts=None):
         """`state` is the stacked cache entry of this block's layers (`[count, ...]` leaves; None for a plain
         forward) and `cycle` this layer's index in it; `segment_ids [batch, seq]` mark packed documents (a plain
-        forward only). Returns (x, updated stacked state)."""
+        forward only); `experts`: the routed experts of a MoE block read from their stack (`StackedExperts`).
+        Returns (x, updated stacked state)."""
         c = self.config
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm, name="input_layernorm")(x)
         if c.layer_types[self.index] == LINEAR_ATTENTION:
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm, name="post_attention_layernorm")(x)
         with jax.named_scope("ffn"):
             if c.moe_layers[self.index]:
-                h = SparseMoE(c, self.dtype, name="mlp")(h)
+                h = SparseMoE(c, self.dtype, name="mlp")(h, experts)
             else:
                 h = MLP(c.hidden_size, c.intermediate_size, self.dtype, name="mlp")(h)
         return x + h, state
@@ -112,6 +113,17 @@ def _run_segment(segment: Segment, layer_params: Any, c: TextConfig, dtype: Any,
     visual = inputs["visual"]
     deepstack = visual is not None and segment.start < visual.deepstack.shape[0]
     args = (inputs["cos"], inputs["sin"], inputs["bias"], inputs["mask"])
+    # With a cache (inference), MoE blocks read their routed experts in place from the whole stack
+    # (`StackedExperts`): the scan's slice of them would be a copy of every expert at every step.
+    stacks = [None] * segment.period
+    if state is not None:
+        stacks = [
+            params["mlp"].get("experts") if isinstance(params.get("mlp"), dict) else None for params in layer_params
+        ]
+        layer_params = tuple(
+            params if s is None else dict(params, mlp={k: v for k, v in params["mlp"].items() if k != "experts"})
+            for params, s in zip(layer_params, stacks)
+        )
 
     def repeat(carry, xs):
         x, state = carry
@@ -121,7 +133,8 @@ def _run_segment(segment: Segment, layer_params: Any, c: TextConfig, dtype: Any,
             with jax.named_scope(f"layer_{j}"):
                 layer_state = None if state is None else state[j]
                 variables = {"params": params[j]}
-                call = (x, *args, layer_state, inputs["offset"], cycle, inputs["segment_ids"])
+                experts = None if stacks[j] is None else StackedExperts(**stacks[j], layer=cycle)
+                call = (x, *args, layer_state, inputs["offset"], cycle, inputs["segment_ids"], experts)
                 if collect and c.moe_layers[block.index]:
                     (x, layer_state), sown = block.apply(variables, *call, mutable=["intermediates"])
                     router.append(sown["intermediates"]["mlp"]["router_logits"][0])

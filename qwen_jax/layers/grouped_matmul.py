@@ -12,6 +12,7 @@ every backend. Both are dropless and differentiable.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,18 @@ def tile_rows(rows: int, groups: int) -> int:
     return max(MIN_TILE, min(MAX_TILE, 1 << (mean - 1).bit_length()))
 
 
-def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
-    rows, groups = x.shape[0], w.shape[0]
+def group_matrix(w: jax.Array, group: jax.Array, layer: jax.Array | None, dtype: Any) -> jax.Array:
+    """One group's matrix of `w [groups, in, out]` (or of `w[layer]` for `[count, groups, in, out]`) -> `[in, out]`
+    in `dtype`; inside a loop the two indexes fuse into one read of that matrix, with no copy of `w[layer]`."""
+    if layer is not None:
+        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+    return jax.lax.dynamic_index_in_dim(w, group, keepdims=False).astype(dtype)
+
+
+def _tiled_grouped_matmul(
+    x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int, layer: jax.Array | None = None
+) -> jax.Array:
+    rows, groups = x.shape[0], w.shape[-3]
     tiles = -(-rows // tile) + groups  # each group adds at most one partial tile
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes  # first row of each group
@@ -48,7 +59,7 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, ti
         first, end, group, used = tile_inputs
 
         def multiply(out: jax.Array) -> jax.Array:
-            weights = jax.lax.dynamic_index_in_dim(w, group, keepdims=False)
+            weights = group_matrix(w, group, layer, x.dtype)
             y = jnp.dot(jax.lax.dynamic_slice_in_dim(x, first, tile), weights, preferred_element_type=jnp.float32)
             mine = (first + jnp.arange(tile)) < end
             here = jax.lax.dynamic_slice_in_dim(out, first, tile)
@@ -58,13 +69,22 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, ti
 
         return jax.lax.cond(used, multiply, lambda out: out, out), None
 
-    out = jnp.zeros((rows + tile, w.shape[2]), x.dtype)
+    out = jnp.zeros((rows + tile, w.shape[-1]), x.dtype)
     out, _ = jax.lax.scan(one, out, (first, end, group, used))
     return out[:rows]
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    if layer is not None:
+        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: jax.Array | None = None) -> jax.Array:
     """x `[rows, in]` sorted by group, w `[groups, in, out]`, group_sizes `[groups]` (summing to at most rows) ->
-    `[rows, out]`: row r of group g is `x[r] @ w[g]`; rows past the groups are zero."""
-    tiled = functools.partial(_tiled_grouped_matmul, tile=tile_rows(x.shape[0], w.shape[0]))
-    return jax.lax.platform_dependent(x, w, group_sizes, cpu=tiled, default=jax.lax.ragged_dot)
+    `[rows, out]`: row r of group g is `x[r] @ w[g]`; rows past the groups are zero. With `layer`, w is `[count,
+    groups, in, out]` and `w[layer]` is used, read in place on CPU. Computed in x's dtype."""
+    tile = tile_rows(x.shape[0], w.shape[-3])
+    tiled = functools.partial(_tiled_grouped_matmul, tile=tile, layer=layer)
+    ragged = functools.partial(_ragged_dot, layer=layer)
+    return jax.lax.platform_dependent(x, w, group_sizes, cpu=tiled, default=ragged)

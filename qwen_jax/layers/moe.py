@@ -20,14 +20,14 @@ replicated across the expert axis, and the token exchange is chosen per call fro
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import TextConfig
-from qwen_jax.layers.grouped_matmul import grouped_matmul
+from qwen_jax.layers.grouped_matmul import group_matrix, grouped_matmul
 from qwen_jax.layers.linear import INIT_STD, Linear
 from qwen_jax.layers.mlp import MLP
 from qwen_jax.layers.ragged_exchange import ragged_all_to_all
@@ -47,6 +47,18 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
 SMALL_BATCH_COPIES = 64
 
 
+class StackedExperts(NamedTuple):
+    """A MoE layer's routed experts read in place from the stack of all its repeats (inference): gate_up_proj
+    `[count, experts, hidden, 2 * inter]`, down_proj `[count, experts, inter, hidden]`, and `layer`, this layer's
+    index in them.
+    Slicing a layer's `[experts, ...]` out of the stacked parameters would copy every expert of it at each step
+    (a loop over tiles cannot read through a slice); indexing (layer, expert) where a matrix is used copies nothing."""
+
+    gate_up_proj: jax.Array
+    down_proj: jax.Array
+    layer: jax.Array
+
+
 def routed_experts(
     x: jax.Array,
     weights: jax.Array,
@@ -54,27 +66,28 @@ def routed_experts(
     gate_up: jax.Array,
     down: jax.Array,
     first_expert: jax.Array | int = 0,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """Sum over the k chosen experts of `weight * down(silu(gate(x)) * up(x))`, counting only the experts held here:
-    `first_expert ... first_expert + len(gate_up) - 1` (all of them on one device).
+    `first_expert ... first_expert + local_experts - 1` (all of them on one device).
 
     x `[tokens, hidden]`, weights/experts `[tokens, k]`, gate_up `[local_experts, hidden, 2 * inter]` (gate then
-    up), down `[local_experts, inter, hidden]` -> `[tokens, hidden]`.
+    up), down `[local_experts, inter, hidden]` -> `[tokens, hidden]`. With `layer`, gate_up and down have a leading
+    layer axis (`StackedExperts`) and layer `layer` is used.
     """
     tokens, k = experts.shape
-    local_experts, _, two_inter = gate_up.shape
+    local_experts, _, two_inter = gate_up.shape[-3:]
     local = jnp.asarray(experts).reshape(-1) - first_expert
     held = (local >= 0) & (local < local_experts)
-    gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     if tokens * k <= SMALL_BATCH_COPIES and tokens * k < local_experts:
         index = jnp.where(held, local, 0)
-        pick = lambda w: jnp.stack([jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for i in index])  # noqa: E731
+        pick = lambda w: jnp.stack([group_matrix(w, i, layer, x.dtype) for i in index])  # noqa: E731
         copies = jnp.repeat(x, k, axis=0)
         h = jnp.einsum("nh,nhf->nf", copies, pick(gate_up))
         h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
         y = jnp.where(held[:, None], jnp.einsum("ni,nih->nh", h, pick(down)), 0)
     else:
-        y = _grouped_ffn(x, jnp.arange(tokens * k) // k, local, held, gate_up, down)
+        y = _grouped_ffn(x, jnp.arange(tokens * k) // k, local, held, gate_up, down, layer)
     return _combine(y, weights, x.dtype)
 
 
@@ -86,18 +99,24 @@ def _combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
 
 
 def _grouped_ffn(
-    x: jax.Array, source: jax.Array, local: jax.Array, held: jax.Array, gate_up: jax.Array, down: jax.Array
+    x: jax.Array,
+    source: jax.Array,
+    local: jax.Array,
+    held: jax.Array,
+    gate_up: jax.Array,
+    down: jax.Array,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """The expert FFN of rows `x[source]` `[rows]` by their local expert `local [rows]`, sorted into groups for two
     grouped matmuls; rows not `held` here give zeros. -> `[rows, hidden]` in the order of `source`."""
-    local_experts, _, two_inter = gate_up.shape
+    local_experts, _, two_inter = gate_up.shape[-3:]
     # Rows for experts held elsewhere sort last, into a group that no matmul reads.
     local = jnp.where(held, local, local_experts)
     order = jnp.argsort(local, stable=True)
     group_sizes = jnp.bincount(local, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    h = grouped_matmul(x[source[order]], gate_up, group_sizes)
+    h = grouped_matmul(x[source[order]], gate_up, group_sizes, layer)
     h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
-    ys = jnp.where(held[order][:, None], grouped_matmul(h, down, group_sizes), 0)
+    ys = jnp.where(held[order][:, None], grouped_matmul(h, down, group_sizes, layer), 0)
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
@@ -106,7 +125,13 @@ def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def all_to_all_experts(
-    x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, axis_name: str
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate_up: jax.Array,
+    down: jax.Array,
+    axis_name: str,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """`routed_experts` with the token copies sent to the devices that hold their experts (inside `shard_map`).
 
@@ -115,12 +140,13 @@ def all_to_all_experts(
     tokens `i * tokens / n ...`, sorts their copies by expert (so by destination), sends each device the copies
     for its experts (`ragged_all_to_all`), runs its grouped FFN on what it receives, sends the results back the
     same way, combines them per token, and all-gathers the tokens' outputs -> `[tokens, hidden]`, replicated.
+    `layer`: as in `routed_experts`.
     """
     tokens, k = experts.shape
     n, i = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
     if tokens % n:
         raise ValueError(f"the all-to-all exchange needs tokens ({tokens}) divisible by the {axis_name} axis ({n})")
-    local_experts = gate_up.shape[0]
+    local_experts = gate_up.shape[-3]
     mine = tokens // n
     x_mine, w_mine, e_mine = (jax.lax.dynamic_slice_in_dim(a, i * mine, mine) for a in (x, weights, experts))
     copies = e_mine.reshape(-1).astype(jnp.int32)  # [mine * k] global expert ids
@@ -140,7 +166,7 @@ def all_to_all_experts(
                    arrive_at[i], recv_sizes)  # fmt: skip
     local = ids - i * local_experts
     held = (local >= 0) & (local < local_experts)
-    y = _grouped_ffn(rows, jnp.arange(capacity), local, held, gate_up.astype(x.dtype), down.astype(x.dtype))
+    y = _grouped_ffn(rows, jnp.arange(capacity), local, held, gate_up, down, layer)
     # Back: the rows from sender s sit at arrive_at[s, i]; they return to s's sorted copies at sent_from[s, i].
     back = exchange(y, jnp.zeros((mine * k, x.shape[1]), x.dtype), arrive_at[:, i], recv_sizes, sent_from[:, i],
                     send_sizes)  # fmt: skip
@@ -172,60 +198,69 @@ def expert_parallel(
     gate_up: jax.Array,
     down: jax.Array,
     exchange: str | None = None,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """`routed_experts` over the current mesh (`jax.set_mesh`): expert-parallel under `shard_map` when the mesh
-    has more than one device, plain otherwise. `exchange`: one of `EXCHANGES`, or None to `choose_exchange`."""
+    has more than one device, plain otherwise. `exchange`: one of `EXCHANGES`, or None to `choose_exchange`.
+    `layer`: as in `routed_experts` (the weights then have a leading, never split, layer axis)."""
     from jax.sharding import PartitionSpec as P
 
     from qwen_jax.sharding import BATCH_AXES, spec_for
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return routed_experts(x, weights, experts, gate_up, down)
+        return routed_experts(x, weights, experts, gate_up, down, layer=layer)
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
-    gate_up_spec = spec_for(gate_up.shape, GATE_UP_AXES, mesh, "gate_up_proj")
-    down_spec = spec_for(down.shape, DOWN_AXES, mesh, "down_proj")
+    lead = () if layer is None else (None,)
+    gate_up_spec = spec_for(gate_up.shape, (*lead, *GATE_UP_AXES), mesh, "gate_up_proj")
+    down_spec = spec_for(down.shape, (*lead, *DOWN_AXES), mesh, "down_proj")
+    hidden = len(lead) + 1  # gate_up's hidden axis; down's is one further
     tokens = P(batch, None)
 
-    def local(x, weights, experts, gate_up, down):
+    def local(x, weights, experts, gate_up, down, layer):
         # Weights split over fsdp on the hidden dimension are gathered before use (FSDP).
-        if gate_up_spec[1] is not None:
-            gate_up = jax.lax.all_gather(gate_up, gate_up_spec[1], axis=1, tiled=True)
-        if down_spec[2] is not None:
-            down = jax.lax.all_gather(down, down_spec[2], axis=2, tiled=True)
+        if gate_up_spec[hidden] is not None:
+            gate_up = jax.lax.all_gather(gate_up, gate_up_spec[hidden], axis=hidden, tiled=True)
+        if down_spec[hidden + 1] is not None:
+            down = jax.lax.all_gather(down, down_spec[hidden + 1], axis=hidden + 1, tiled=True)
         n = mesh.shape["expert"]
         if n == 1:
-            return routed_experts(x, weights, experts, gate_up, down)
+            return routed_experts(x, weights, experts, gate_up, down, layer=layer)
         how = exchange or choose_exchange(x.shape[0], experts.shape[1], n)
         if how == "all_to_all":
-            return all_to_all_experts(x, weights, experts, gate_up, down, "expert")
-        out = routed_experts(x, weights, experts, gate_up, down, jax.lax.axis_index("expert") * gate_up.shape[0])
-        return jax.lax.psum(out, "expert")
+            return all_to_all_experts(x, weights, experts, gate_up, down, "expert", layer)
+        first = jax.lax.axis_index("expert") * gate_up.shape[-3]
+        return jax.lax.psum(routed_experts(x, weights, experts, gate_up, down, first, layer), "expert")
 
     return jax.shard_map(
         local,
-        in_specs=(tokens, tokens, tokens, gate_up_spec, down_spec),
+        in_specs=(tokens, tokens, tokens, gate_up_spec, down_spec, P()),
         out_specs=tokens,
         check_vma=False,
-    )(x, weights, experts, gate_up, down)
+    )(x, weights, experts, gate_up, down, layer)
 
 
 class SparseMoE(nn.Module):
-    """x `[batch, seq, hidden]` -> same."""
+    """x `[batch, seq, hidden]` -> same. `stacked`: the routed experts read from the stack of all repeats of this
+    layer (`StackedExperts`, inference) instead of this module's own parameters."""
 
     config: TextConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, stacked: StackedExperts | None = None) -> jax.Array:
         c = self.config
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = Linear(c.num_experts, ("embed", "expert"), name="gate", dtype=self.dtype)(x)
         self.sow("intermediates", "router_logits", logits.astype(jnp.float32))  # [tokens, experts], for the aux loss
         weights, experts = route(logits, c.num_experts_per_tok, c.norm_topk_prob)
-        params = ExpertWeights(c.num_experts, c.hidden_size, c.moe_intermediate_size, self.dtype, name="experts")()
-        out = expert_parallel(x, weights, experts, *params)
+        if stacked is None:
+            gate_up, down = ExpertWeights(c.num_experts, c.hidden_size, c.moe_intermediate_size, self.dtype,
+                                          name="experts")()  # fmt: skip
+            out = expert_parallel(x, weights, experts, gate_up, down)
+        else:
+            out = expert_parallel(x, weights, experts, stacked.gate_up_proj, stacked.down_proj, layer=stacked.layer)
         if c.shared_expert_intermediate_size:
             shared = MLP(c.hidden_size, c.shared_expert_intermediate_size, self.dtype, name="shared_expert")(x)
             shared_gate = Linear(1, ("embed", None), name="shared_expert_gate", dtype=self.dtype)(x)
