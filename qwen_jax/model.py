@@ -21,7 +21,7 @@ from qwen_jax.config import LINEAR_ATTENTION, TextConfig
 from qwen_jax.layers.attention import Attention, attention_bias
 from qwen_jax.layers.fused_projections import fuse_layer
 from qwen_jax.layers.gated_deltanet import GatedDeltaNet
-from qwen_jax.layers.linear import INIT_STD, Linear
+from qwen_jax.layers.linear import INIT_STD, Linear, dot_general
 from qwen_jax.layers.mlp import MLP
 from qwen_jax.layers.moe import SparseMoE, StackedExperts
 from qwen_jax.layers.norms import RMSNorm
@@ -220,8 +220,9 @@ def output_weights(params: Any, config: TextConfig) -> jax.Array:
 
 def _logits(params: Any, c: TextConfig, hidden: jax.Array) -> jax.Array:
     """Final-normed hidden states `[..., hidden]` -> float32 logits `[..., vocab]`."""
-    if c.tie_word_embeddings:
-        logits = _embedding(c, hidden.dtype).apply({"params": params["embed_tokens"]}, hidden, method="attend")
+    if c.tie_word_embeddings:  # hidden @ embedding^T
+        embedding = params["embed_tokens"]["embedding"].astype(hidden.dtype)
+        logits = dot_general(hidden, embedding, (((hidden.ndim - 1,), (1,)), ((), ())))
     else:
         logits = _lm_head(c, hidden.dtype).apply({"params": params["lm_head"]}, hidden)
     return logits.astype(jnp.float32)
