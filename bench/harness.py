@@ -31,7 +31,7 @@ import qwen_jax
 from qwen_jax.checkpoint.convert import convert
 from qwen_jax.config import TextConfig
 from qwen_jax.costs import decode_weight_bytes, prefill_flops, token_parameters
-from qwen_jax.layers.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule
+from qwen_jax.layers.delta_rule import chunked_gated_delta_rule, default_chunk_size, recurrent_gated_delta_rule
 
 # The model of issue 6: 249M parameters, ~56M active per token; default (partial) rope.
 FULL_MODEL = dict(
@@ -44,7 +44,8 @@ SMOKE_MODEL = dict(
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
 )  # fmt: skip
-DELTA_HEADS, DELTA_DIM, DELTA_CHUNK = 8, 64, 64
+# The reference's chunk is its default (64); ours is this backend's default (`default_chunk_size`).
+DELTA_HEADS, DELTA_DIM, REFERENCE_DELTA_CHUNK = 8, 64, 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +213,9 @@ def prefill(models: Models, sizes: Sizes, limits: dict | None, record: Recorder,
                     ours.result[0, 0] == reference.result[0, -1].argmax()
                 )
             else:
-                record.checks[f"{name}_max_abs_logit_diff"] = float(np.abs(np.asarray(ours.result) - reference.result).max())
+                record.checks[f"{name}_max_abs_logit_diff"] = float(
+                    np.abs(np.asarray(ours.result) - reference.result).max()
+                )
             flops = prefill_flops(models.config, seq, 1 if mode == "last" else seq)
             row = {
                 "tokens": seq, "logits": mode, "ours_s": ours.median_s, "ours_runs_s": ours.runs_s,
@@ -287,13 +290,13 @@ def delta_inputs(seq: int, seed: int) -> tuple[np.ndarray, ...]:
 
 # Ours: the chunked form, and the recurrent form `recurrent_gated_delta_rule`, a `lax.scan` of `gated_delta_step`
 # (the function each decode step calls); both jitted, both including the q/k normalization as the reference does.
-_ours_chunked = jax.jit(functools.partial(chunked_gated_delta_rule, chunk_size=DELTA_CHUNK))
+_ours_chunked = jax.jit(chunked_gated_delta_rule)
 _ours_recurrent = jax.jit(recurrent_gated_delta_rule)
 
 
 def _reference_delta(form: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if form == "chunked":
-        fn = functools.partial(reference_moe.torch_chunk_gated_delta_rule, chunk_size=DELTA_CHUNK)
+        fn = functools.partial(reference_moe.torch_chunk_gated_delta_rule, chunk_size=REFERENCE_DELTA_CHUNK)
     else:
         fn = reference_moe.torch_recurrent_gated_delta_rule
     with torch.inference_mode():
@@ -308,7 +311,7 @@ def delta_rule(sizes: Sizes, record: Recorder, progress: tqdm) -> list[dict]:
         inputs = delta_inputs(seq, seed=seq)
         ours_in = [jnp.asarray(x) for x in inputs]
         torch_in = [torch.from_numpy(x) for x in inputs]
-        row: dict = {"tokens": seq}
+        row: dict = {"tokens": seq, "ours_chunk": default_chunk_size(), "reference_chunk": REFERENCE_DELTA_CHUNK}
         for form, ours_fn in (("chunked", _ours_chunked), ("recurrent", _ours_recurrent)):
             name = f"delta_{seq}_{form}"
             progress.set_postfix_str(name)

@@ -89,8 +89,12 @@ def meta(smoke: bool, threads: int) -> dict:
         "load_average_at_start": list(os.getloadavg()),
         "jax_backend": jax.default_backend(),
         "jax_compilation_cache": jax.config.jax_compilation_cache_dir,
-        "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},  # fmt: skip
+        "versions": {
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
         "git": git_state(),
     }
 
@@ -170,7 +174,10 @@ def table(results: dict) -> str:
         for form in ("chunked", "recurrent"):
             line(f"delta rule {r['tokens']} tokens, {form}", _rate(r[f"ours_{form}_tokens_per_s"], "tok/s"),
                  _rate(r[f"reference_{form}_tokens_per_s"], "tok/s"), r[f"{form}_ratio"])  # fmt: skip
-        lines.append(f"{'':<44}our chunked form: {r['ours_chunked_over_recurrent']:.2f}x our recurrent form")
+        lines.append(
+            f"{'':<44}our chunked form (chunk {r['ours_chunk']}; reference chunk {r['reference_chunk']}): "
+            f"{r['ours_chunked_over_recurrent']:.2f}x our recurrent form"
+        )
     if results.get("compile_s"):
         lines.append("\ncompile time (ours; warm-up call minus the median call), s:")
         lines += [f"  {name:<42}{s:>8.2f}" for name, s in results["compile_s"].items()]
