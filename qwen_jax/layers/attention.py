@@ -45,11 +45,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     b, tq, heads, dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, tq, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * dim**-0.5
-    scores = scores + bias[:, :, None]
+    # Axes in the order the products yield them (batch axes first), so the [q, k] scores are never transposed.
+    scores = jnp.einsum("bqhgd,bkhd->bhqgk", q, k, preferred_element_type=jnp.float32) * dim**-0.5
+    scores = scores + bias[:, :, :, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-    return out.reshape(b, tq, heads, dim)
+    out = jnp.einsum("bhqgk,bkhd->bhqgd", probs, v)
+    return jnp.moveaxis(out, 1, 2).reshape(b, tq, heads, dim)
 
 
 def _write_rows(buffer: jax.Array, rows: jax.Array, offset: jax.Array, layer: jax.Array | None) -> jax.Array:
