@@ -188,10 +188,12 @@ class Planner:
         """FLOPs and bytes per token (per device) of a prefill piece and of a decode step, from loop-free
         variants (float32, see `FLOAT32_NOTE`): the model without layers, plus each segment's pattern once times
         its repeats."""
+        from qwen_jax.layers.delta_rule import ACCELERATOR_CHUNK
         from qwen_jax.stacking import layer_segments
 
         segments = layer_segments(self.config)
-        unrolled = self.config.replace(unroll_loops=True)
+        # The delta rule's chunk of the TPU / GPU target, not of this host's CPU.
+        unrolled = self.config.replace(unroll_loops=True, chunk_size=self.config.chunk_size or ACCELERATOR_CHUNK)
 
         def variant(layers: tuple[int, ...]) -> Any:
             c = unrolled.replace(

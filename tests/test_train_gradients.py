@@ -2,10 +2,12 @@
 autograd, for each text family, on padded batches and on packed documents.
 
 The reference runs in float64 (its exact answer; ours is float32). Tolerance: max |ours - reference| <= 1e-4 x
-max |reference gradient| per tensor, except `A_log` and `dt_bias`: 5e-4. Those are one scalar per delta-net head
-whose gradient sums strongly cancelling terms over every token, so float32 rounding of the per-token terms shows
-100x amplified: the reference's own float32 gradients are off from its float64 ones by up to 1.0e-4 of the max
-there, ours by up to 1.7e-4 (measured on these models), while every other tensor of both is within 3e-5. Gradients
+max |reference gradient| per tensor, except the decay's parameters `A_log`, `dt_bias` and `in_proj_a` (whose
+output feeds only the decay): 5e-4. Their gradients sum strongly cancelling terms over every token (max values
+~1e-5 against ~1e-2 elsewhere), so float32 rounding of the per-token terms shows 100x amplified: the reference's own
+float32 gradients are off from its float64 ones by up to 1.0e-4 of the max for `A_log` and 5e-5 for `in_proj_a`,
+ours by up to 1.7e-4 and 1.4e-4 (measured on these models and the image batch of test_train_images), while every
+other tensor of both is within 3e-5. Gradients
 are compared in our parameter layout: the reference's gradients go through the converter's own layout rules
 (transposes, splits, concatenations: linear maps, so they map gradients as they map weights).
 
@@ -129,7 +131,8 @@ def compare_grads(
         ref = reference_grads[path].reshape(ours[path].shape)
         scale = float(np.abs(ref).max())
         err = float(np.abs(ours[path] - ref).max())
-        tolerance = cancelling_tolerance if path.rsplit("/", 1)[-1] in ("A_log", "dt_bias") else 1e-4
+        cancelling = path.rsplit("/", 1)[-1] in ("A_log", "dt_bias") or path.endswith("in_proj_a/kernel")
+        tolerance = cancelling_tolerance if cancelling else 1e-4
         assert err <= tolerance * scale + 1e-12, (path, err, scale)
 
 
