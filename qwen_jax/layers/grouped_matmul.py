@@ -30,10 +30,11 @@ def tile_rows(rows: int, groups: int) -> int:
 
 def group_matrix(w: jax.Array, group: jax.Array, layer: jax.Array | None, dtype: Any) -> jax.Array:
     """One group's matrix of `w [groups, in, out]` (or of `w[layer]` for `[count, groups, in, out]`) -> `[in, out]`
-    in `dtype`; inside a loop the two indexes fuse into one read of that matrix, with no copy of `w[layer]`."""
-    if layer is not None:
-        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
-    return jax.lax.dynamic_index_in_dim(w, group, keepdims=False).astype(dtype)
+    in `dtype`: one slice of that matrix alone (no copy of `w[layer]`, whatever dtype conversions XLA inserts)."""
+    index = (group,) if layer is None else (layer, group)
+    starts = (*index, 0, 0)
+    sizes = (*(1,) * len(index), *w.shape[-2:])
+    return jax.lax.dynamic_slice(w, starts, sizes).reshape(w.shape[-2:]).astype(dtype)
 
 
 def _tiled_grouped_matmul(
