@@ -127,7 +127,7 @@ def _empty_stack(layer: Any, count: int, mesh: Any) -> Any:
 
     def empty(x):
         sharding = None if mesh is None else NamedSharding(mesh, P(None, *x.sharding.spec))
-        return jax.jit(lambda: jnp.zeros((count, *x.shape), x.dtype), out_shardings=sharding)()
+        return jnp.zeros((count, *x.shape), x.dtype, device=sharding)
 
     return jax.tree.map(empty, layer)
 
