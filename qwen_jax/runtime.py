@@ -15,9 +15,15 @@ _MULTI_PROCESS_HINTS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 _PROCESS_COUNT_HINTS = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_NUM_SLICES")
 
 
+# Programs that compile faster than this are not written to the persistent cache (JAX's own default) unless
+# JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise.
+MIN_CACHED_COMPILE_SECONDS = 1.0
+
+
 def compilation_cache_dir() -> Path:
+    """QWEN_JAX_COMPILATION_CACHE, else JAX's own JAX_COMPILATION_CACHE_DIR, else ~/.cache/qwen_jax/xla."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen_jax" / "xla"
-    return Path(os.environ.get("QWEN_JAX_COMPILATION_CACHE", default))
+    return Path(os.environ.get("QWEN_JAX_COMPILATION_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default)
 
 
 def is_multi_process() -> bool:
@@ -37,7 +43,8 @@ def setup(cache: bool = True) -> None:
         directory = compilation_cache_dir()
         directory.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(directory))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        minimum = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", MIN_CACHED_COMPILE_SECONDS)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(minimum))
     if is_multi_process() and not jax.distributed.is_initialized():
         # CPU processes exchange collectives over gloo (accelerators use their own interconnect).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

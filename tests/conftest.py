@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any, Callable
+
+# One persistent compilation cache for the session, every program in it however fast it compiled: the subprocess
+# tests (the sampler, the trainer, the notebooks) then skip compiling what an earlier process compiled. Set before
+# jax is imported, so the test workers and every subprocess read it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np
 import pytest
