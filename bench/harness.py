@@ -110,10 +110,13 @@ class Recorder:
 
 
 def machine_limits(sizes: Sizes) -> dict:
-    """float32 matmul rate of one jitted `[n, n] @ [n, n]`, and memory bandwidth of a stream over `copy_bytes`.
+    """float32 matmul rate of one jitted `[n, n] @ [n, n]`, memory bandwidth of a stream over `copy_bytes`, and the
+    read rate of XLA's own matrix-vector product over a `copy_bytes / 4` matrix.
 
     The stream is `x <- x + 1` in place (jitted, the buffer donated): it reads and writes every byte once, 2 x
-    `copy_bytes` per call, without the page faults a freshly allocated output would add to each call.
+    `copy_bytes` per call, without the page faults a freshly allocated output would add to each call. The
+    matrix-vector product (`[1, 4096] @ [4096, m]`, one unsliced matrix far larger than the caches) is what decode
+    at batch 1 does with every weight: its bytes read per second bound any decode built on XLA:CPU's matmuls.
     """
     n = sizes.matmul
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
@@ -127,6 +130,12 @@ def machine_limits(sizes: Sizes) -> dict:
 
     copy = timed(step, sizes.repeats)
     del buffer[0]
+    rows = 4096
+    matrix = jax.random.normal(jax.random.key(2), (rows, sizes.copy_bytes // 16 // rows), jnp.float32)
+    vector = jnp.ones((1, rows), jnp.float32)
+    matvec = timed(lambda: synced(jnp.matmul)(vector, matrix), sizes.repeats)
+    matrix_bytes = matrix.nbytes
+    del matrix
     return {
         "matmul_size": n,
         "matmul_flops_per_s": 2.0 * n**3 / matmul.median_s,
@@ -134,6 +143,9 @@ def machine_limits(sizes: Sizes) -> dict:
         "copy_bytes": sizes.copy_bytes,
         "bandwidth_bytes_per_s": 2.0 * sizes.copy_bytes / copy.median_s,
         "copy_runs_s": copy.runs_s,
+        "matvec_bytes": matrix_bytes,
+        "matvec_read_bytes_per_s": matrix_bytes / matvec.median_s,
+        "matvec_runs_s": matvec.runs_s,
     }
 
 
