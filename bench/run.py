@@ -3,10 +3,11 @@ weights, float32, the same number of threads on both sides; with the machine's l
 
     python bench/run.py [--smoke] [--out FILE.json] [--only limits,delta,prefill,decode] [--threads 2]
 
-Parts: `limits` (float32 matmul rate, memory bandwidth, matrix-vector read rate), `delta` (the delta rule alone at 512, 2048, 8192 tokens),
-`prefill` (512 and 2048 tokens, logits of the last position or of all), `decode` (batch 1 and 8; batch 1 also with
-bfloat16 weights). `--smoke` runs the same code on a tiny model at tiny sizes (CI). Prints a table of rates, ratios
-ours/reference and fractions of the machine's limits, compile times apart, and writes the raw figures to `--out`.
+Parts: `limits` (float32 matmul rate, memory bandwidth, matrix-vector read rate), `delta` (the delta rule alone at
+512, 2048, 8192 tokens), `prefill` (512 and 2048 tokens, logits of the last position or of all), `decode` (batch 1
+and 8; batch 1 also with bfloat16 weights). `--smoke` runs the same code on a tiny model at tiny sizes (CI). Prints
+a table of rates, ratios ours/reference and fractions of the machine's limits, compile times apart, and writes the
+raw figures to `--out`.
 
 Threads: torch.set_num_threads(N); XLA:CPU sizes its intra-op (Eigen) pool from the `PJRT_NPROC` environment variable
 in jax 0.10.2 (`XLA_FLAGS` has no thread-count flag), so it is set to N before jax loads, and the pool's threads are
@@ -156,8 +157,9 @@ def table(results: dict) -> str:
         lim = results["limits"]
         line(f"machine: float32 matmul {lim['matmul_size']}^3", _rate(lim["matmul_flops_per_s"], "FLOP/s"))
         line(f"machine: stream over {lim['copy_bytes'] >> 20} MiB", _rate(lim["bandwidth_bytes_per_s"], "B/s"))
-        line(f"machine: matrix-vector over {lim['matvec_bytes'] >> 20} MiB, read", _rate(lim["matvec_read_bytes_per_s"],
-             "B/s"), fraction=lim["matvec_read_bytes_per_s"] / lim["bandwidth_bytes_per_s"], limit="bandwidth")  # fmt: skip
+        read = lim["matvec_read_bytes_per_s"]
+        line(f"machine: matrix-vector over {lim['matvec_bytes'] >> 20} MiB, read", _rate(read, "B/s"),
+             fraction=read / lim["bandwidth_bytes_per_s"], limit="bandwidth")  # fmt: skip
     for r in results.get("prefill", []):
         what = "last-token logits" if r["logits"] == "last" else "all logits"
         line(f"prefill {r['tokens']} tokens, {what}", _rate(r["ours_tokens_per_s"], "tok/s"),
