@@ -17,6 +17,7 @@ from qwen_jax.checkpoint.format import PARAMS_DIR, cast_tree, param_groups, read
 from qwen_jax.config import ModelConfig, load_config
 from qwen_jax.layers.fused_projections import fuse_layer
 from qwen_jax.model import forward, stacked_param_shardings, text_params
+from qwen_jax.stacking import default_scan_layers
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -93,13 +94,15 @@ class Model:
         return f"Model({self.config.model_type}, {self.config.text.num_hidden_layers} layers, path={self.path})"
 
 
-def load(path: str | Path, dtype: Any = None, mesh: Any = None) -> Model:
+def load(path: str | Path, dtype: Any = None, mesh: Any = None, scan_layers: bool | None = None) -> Model:
     """Load a model directory written by `tools/convert.py`.
 
     dtype: cast the weights (e.g. `jnp.bfloat16`); None keeps the stored dtypes. `A_log`, `dt_bias` and norm weights
     stay float32 either way. Activations compute in the embedding's dtype.
     mesh: a `jax.sharding.Mesh` (axes among data, fsdp, tensor, expert) or a spec string such as "data=2,expert=4":
     every array is restored straight into its sharding (see `qwen_jax.sharding`).
+    scan_layers: run the decoder as a scan over stacked repeats of its layer pattern, or each repeat apart
+    (`TextConfig.scan_layers`); None: the backend's choice (`qwen_jax.stacking.default_scan_layers`).
 
     The decoder layers are restored one at a time into their place in the stacked layout (`qwen_jax.stacking`), so
     loading needs memory for the model plus one layer.
@@ -107,6 +110,9 @@ def load(path: str | Path, dtype: Any = None, mesh: Any = None) -> Model:
     path = Path(path)
     read_metadata(path)
     config = load_config(path)
+    if scan_layers is None:
+        scan_layers = default_scan_layers()
+    config = config.replace(text=config.text.replace(scan_layers=scan_layers))
     if mesh is not None:
         from qwen_jax.sharding import make_mesh
 

@@ -87,6 +87,11 @@ class TextConfig:
     # Compile analysis only (`qwen_jax.plan`): unroll the layer and chunk scans, whose bodies XLA's cost analysis
     # would otherwise count once.
     unroll_loops: bool = False
+    # Run the decoder as one `lax.scan` per segment of repeats (`qwen_jax.stacking`; compile time of one repeat) or,
+    # when False, each repeat as its own segment of one: then every layer's weights are arrays of their own, which
+    # XLA:CPU reads in place, where a scan would copy each layer's slice out of the stack at every step (batch-1
+    # decode of the issue-6 model: see `default_scan_layers`). Not a checkpoint field.
+    scan_layers: bool = True
 
     @property
     def conv_dim(self) -> int:

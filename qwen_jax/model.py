@@ -184,6 +184,11 @@ def _decoder_hidden(
         mask = segment_ids > 0
     valid = jnp.ones((batch, seq), bool) if mask is None else mask.astype(bool)
     segments = layer_segments(c)
+    if len(params[STACKED]) != len(segments):
+        raise ValueError(
+            f"the parameters are stacked in {len(params[STACKED])} segments, the config's layers in {len(segments)}: "
+            f"they were stacked for another scan_layers (this config has scan_layers={c.scan_layers})"
+        )
     if cache is None:
         slots = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         bias = attention_bias(slots, slots, valid, segment_ids, segment_ids)

@@ -62,6 +62,13 @@ def _qwen3_5_moe(rope: dict | None = None) -> torch.nn.Module:
     return transformers.Qwen3_5MoeForCausalLM(cfg)
 
 
+def _qwen3_5_moe_deep() -> torch.nn.Module:
+    # 10 layers: two repeats of the 3 linear + 1 full pattern, then a partial one (2 linear): a scan of 2 repeats and
+    # a segment of its own, or three segments of one with `scan_layers=False`.
+    cfg = transformers.Qwen3_5MoeTextConfig(**dict(TEXT, num_hidden_layers=10), **MOE, rope_parameters=dict(ROPE_MROPE))
+    return transformers.Qwen3_5MoeForCausalLM(cfg)
+
+
 def _qwen3_5_moe_yarn() -> torch.nn.Module:
     # original_max_position_embeddings well below the prompt lengths, so the scaling matters.
     return _qwen3_5_moe(dict(ROPE_MROPE, rope_type="yarn", factor=4.0, original_max_position_embeddings=128))
@@ -117,6 +124,7 @@ SPECS: dict[str, Spec] = {
     "qwen3_5_moe_per_expert": Spec(_qwen3_5_moe, {}),  # save_pretrained's default writes per-expert keys
     "qwen3_5_moe_fused": Spec(_qwen3_5_moe, {"save_original_format": False}),
     "qwen3_5_moe_yarn": Spec(_qwen3_5_moe_yarn, {}),
+    "qwen3_5_moe_deep": Spec(_qwen3_5_moe_deep, {}),
     "qwen3_next": Spec(_qwen3_next, {}),
     "qwen3_next_fused_experts": Spec(_qwen3_next, {"save_original_format": False}),
     "qwen3_5_vl": Spec(_qwen3_5_vl, {}),

@@ -191,7 +191,7 @@ def _initial_params(recipe: Recipe, config: ModelConfig) -> Any:
         return params
     import qwen_jax
 
-    params = qwen_jax.load(recipe.init).params
+    params = qwen_jax.load(recipe.init, scan_layers=config.text.scan_layers).params
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
