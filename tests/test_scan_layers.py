@@ -26,7 +26,7 @@ def test_segments_of_each_layout(deep):
     _, models = deep
     assert layer_segments(models[True].config.text) == (Segment(0, 4, 2), Segment(8, 2, 1))
     assert layer_segments(models[False].config.text) == (Segment(0, 4, 1), Segment(4, 4, 1), Segment(8, 2, 1))
-    leaf = lambda model, s: model.params["layers"][s][0]["input_layernorm"]["weight"]  # noqa: E731
+    leaf = lambda model, s: model.params["layers"][s][0]["input_layernorm"]["weight"]
     assert leaf(models[True], 0).shape[0] == 2 and leaf(models[False], 0).shape[0] == 1
 
 
