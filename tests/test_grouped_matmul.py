@@ -78,5 +78,6 @@ def test_gradients_equal_ragged_dot(kind):
 
 
 def test_tile_size_rule():
-    assert tile_rows(1, 64) == 8 and tile_rows(64, 64) == 8  # decode-sized: smallest tile
+    assert tile_rows(1, 64) == 4 and tile_rows(64, 64) == 4  # decode-sized: smallest tile
+    assert tile_rows(512, 64) == 8
     assert tile_rows(4096, 64) == 64 and tile_rows(16384, 64) == 256 and tile_rows(10**6, 8) == 256
