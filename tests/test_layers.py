@@ -64,14 +64,15 @@ def test_gated_deltanet_layer(built_models, name, padded):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_attention_layer(built_models, name):
+@pytest.mark.parametrize("seq", [150, 333])  # queries in 2 and 3 blocks on CPU (`CPU_QUERY_BLOCK`), the last partial
+def test_attention_layer(built_models, name, seq):
     built = built_models(name)
-    x = hidden(seed=2)
-    mask = pad_mask(2, 150, 31)
+    x = hidden(seed=2, seq=seq)
+    mask = pad_mask(2, seq, 31)
     positions = text_positions(mask)
     rotary = built.reference.model.rotary_emb
     cos, sin = rotary(torch.from_numpy(x), torch.from_numpy(positions))
-    slots = np.broadcast_to(np.arange(150), (2, 150))
+    slots = np.broadcast_to(np.arange(seq), (2, seq))
     bias = np.asarray(attention_bias(jnp.asarray(slots), jnp.asarray(slots), jnp.asarray(mask)))
     ref = torch_out(built.reference.model.layers[3].self_attn, torch.from_numpy(x), position_embeddings=(cos, sin),
                     attention_mask=torch.from_numpy(bias.copy()))  # fmt: skip

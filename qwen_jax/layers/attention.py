@@ -39,9 +39,30 @@ def attention_bias(
     return jnp.where(allowed, 0.0, MASKED)[:, None].astype(jnp.float32)
 
 
+# On CPU, queries attend in blocks of this many (a `lax.map`): each block's [q, k] scores stay in cache through the
+# softmax instead of streaming the whole matrix through memory several times. 2048 queries over 2112 keys (8 heads
+# of 64, 2 kv heads) took 226 ms in one block, 93-104 ms in blocks of 64-256 and 169 ms in blocks of 512 (2-core
+# AMD EPYC). Accelerators take all queries at once.
+CPU_QUERY_BLOCK = 128
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """Softmax attention in float32. q `[batch, q, heads, dim]`, k/v `[batch, k, kv_heads, dim]`, bias `[batch, 1,
     q, k]` -> `[batch, q, heads, dim]`. Query head i reads kv head `i // (heads / kv_heads)`."""
+    b, tq, heads, dim = q.shape
+    block = CPU_QUERY_BLOCK if jax.default_backend() == "cpu" else tq
+    if tq <= block:
+        return _attend(q, k, v, bias)
+    pad = (-tq) % block  # padded queries see every key with bias 0 and are dropped
+    n = (tq + pad) // block
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, heads, dim)
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    bias = bias.reshape(*bias.shape[:2], n, block, bias.shape[-1])
+    out = jax.lax.map(lambda xs: _attend(xs[0], k, v, xs[1]), (jnp.moveaxis(q, 1, 0), jnp.moveaxis(bias, 2, 0)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * block, heads, dim)[:, :tq]
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     b, tq, heads, dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, tq, kv_heads, heads // kv_heads, dim)
