@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_jax.layers.grouped_matmul import _tiled_grouped_matmul, grouped_matmul, tile_rows
+from qwen_jax.layers.grouped_matmul import (
+    _tiled_grouped_ffn,
+    _tiled_grouped_matmul,
+    grouped_ffn,
+    grouped_matmul,
+    tile_rows,
+)
 
 
 def reference(x, w, sizes):
@@ -73,6 +79,51 @@ def test_gradients_equal_ragged_dot(kind):
 
     ours, theirs = grads(grouped_matmul), grads(jax.lax.ragged_dot)
     for a, b in zip(ours, theirs):
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)  # f32 sums of ~90 terms
+
+
+def swiglu(h):
+    return jax.nn.silu(h[:, :5]) * h[:, 5:]
+
+
+def ffn_case(seed, rows, groups, kind):
+    x, gate_up, sizes = case(seed, rows, groups, kind)  # gate_up [groups, 12, 10]: 5 gate and 5 up features
+    down = np.random.default_rng(seed + 1).standard_normal((groups, 5, 7)).astype(np.float32)
+    return x, gate_up, down, sizes
+
+
+def ffn_reference(x, gate_up, down, sizes):
+    h = reference(x, gate_up, sizes)
+    h = h[:, :5] / (1 + np.exp(-h[:, :5])) * h[:, 5:]
+    return reference(h, down, sizes)
+
+
+@pytest.mark.parametrize("tile", [4, 16, 128])
+@pytest.mark.parametrize(("rows", "groups"), [(1, 4), (37, 5), (64, 64)])
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "partial"])
+def test_tiled_ffn_equals_per_group_ffn(tile, rows, groups, kind):
+    """Both products of each tile in one loop step: each row's gate/up product, SwiGLU and down product with its
+    own group's matrices; rows past the groups stay zero."""
+    x, gate_up, down, sizes = ffn_case(rows * groups, rows, groups, kind)
+    tiled = functools.partial(_tiled_grouped_ffn, tile=tile, activation=swiglu)
+    ours = jax.jit(tiled)(x, gate_up, down, sizes)
+    np.testing.assert_allclose(np.asarray(ours), ffn_reference(x, gate_up, down, sizes), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "partial"])
+def test_ffn_gradients_equal_two_ragged_dots(kind):
+    x, gate_up, down, sizes = ffn_case(4, 90, 5, kind)
+    cotangent = np.random.default_rng(5).standard_normal((90, 7)).astype(np.float32)
+
+    def two_ragged_dots(x, gate_up, down, sizes, activation):
+        return jax.lax.ragged_dot(activation(jax.lax.ragged_dot(x, gate_up, sizes)), down, sizes)
+
+    def grads(fn):
+        loss = lambda x, gate_up, down: jnp.sum(fn(x, gate_up, down, sizes, swiglu) * cotangent)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, gate_up, down)
+
+    for a, b in zip(grads(grouped_ffn), grads(two_ragged_dots)):
         scale = float(np.abs(np.asarray(b)).max())
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)  # f32 sums of ~90 terms
 

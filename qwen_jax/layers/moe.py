@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import TextConfig
-from qwen_jax.layers.grouped_matmul import group_matrix, grouped_matmul
+from qwen_jax.layers.grouped_matmul import group_matrix, grouped_ffn
 from qwen_jax.layers.linear import INIT_STD, Linear
 from qwen_jax.layers.mlp import MLP
 from qwen_jax.layers.ragged_exchange import ragged_all_to_all
@@ -114,9 +114,8 @@ def _grouped_ffn(
     local = jnp.where(held, local, local_experts)
     order = jnp.argsort(local, stable=True)
     group_sizes = jnp.bincount(local, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    h = grouped_matmul(x[source[order]], gate_up, group_sizes, layer)
-    h = jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
-    ys = jnp.where(held[order][:, None], grouped_matmul(h, down, group_sizes, layer), 0)
+    swiglu = lambda h: jax.nn.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2 :]
+    ys = jnp.where(held[order][:, None], grouped_ffn(x[source[order]], gate_up, down, group_sizes, swiglu, layer), 0)
     return ys[jnp.argsort(order)]  # back to the order of `source` (a gather: cheaper than a scatter on CPU)
 
 
