@@ -35,26 +35,30 @@ def left_padded_prompts(seed: int, lengths=(5, 130, 260)) -> tuple[np.ndarray, n
     return ids, mask
 
 
+def reference_greedy(reference, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> tuple[np.ndarray, list[int]]:
+    """The reference's greedy tokens `[batch, new_tokens]`, and per row how many of them a float32 implementation
+    must reproduce: up to the first step where the reference's top-2 margin is within 10x the float32 tolerance
+    (past a near-tie, rounding may legitimately pick the other token and the continuations diverge)."""
+    with torch.no_grad():
+        ref = reference.generate(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    scores = torch.stack(ref.scores, 1).float().numpy()  # [batch, steps, vocab]
+    top2 = np.sort(scores, axis=-1)[..., -2:]
+    near_tie = (top2[..., 1] - top2[..., 0]) <= 10 * RELATIVE_TOLERANCE * np.abs(scores).max(-1)
+    cuts = [int(np.argmax(row)) if row.any() else new_tokens for row in near_tie]
+    return ref.sequences[:, ids.shape[1] :].numpy(), cuts
+
+
 @pytest.mark.parametrize("name", ["qwen3_5_moe_per_expert", "qwen3_next", "qwen3_5_dense"])
 def test_greedy_tokens_equal_reference(built_models, name):
     built = built_models(name)
     # Seed 0: cut points (moe, next, dense) = [40, 40, 40], [40, 40, 40], [40, 40, 31]: every row compares >= 31.
     ids, mask = left_padded_prompts(seed=0)
     ours = qwen_jax.generate(built.model, ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=0)
-    with torch.no_grad():
-        ref = built.reference.generate(
-            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True,
-        )  # fmt: skip
-    ref_tokens = ref.sequences[:, ids.shape[1] :].numpy()
-    scores = torch.stack(ref.scores, 1).float().numpy()  # [batch, steps, vocab]
-    # Compare up to the first step where the reference's top-2 margin is within 10x the float32 tolerance: past a
-    # near-tie, rounding may legitimately pick the other token and the continuations diverge.
-    top2 = np.sort(scores, axis=-1)[..., -2:]
-    tolerance = RELATIVE_TOLERANCE * np.abs(scores).max(-1)
-    near_tie = (top2[..., 1] - top2[..., 0]) <= 10 * tolerance
-    for row in range(ids.shape[0]):
-        cut = int(np.argmax(near_tie[row])) if near_tie[row].any() else NEW_TOKENS
+    ref_tokens, cuts = reference_greedy(built.reference, ids, mask, NEW_TOKENS)
+    for row, cut in enumerate(cuts):
         assert cut >= 30, f"row {row}: only {cut} comparable tokens; pick another seed"
         np.testing.assert_array_equal(ours[row, :cut], ref_tokens[row, :cut], err_msg=f"row {row}")
 

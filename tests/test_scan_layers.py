@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import prompt_batch, reference_logits
-from test_generation import left_padded_prompts
-from test_model_parity import RELATIVE_TOLERANCE, assert_logits_match
+from test_generation import left_padded_prompts, reference_greedy
+from test_model_parity import assert_logits_match
 
 import qwen_jax
 from qwen_jax.stacking import Segment, layer_segments
@@ -46,16 +45,7 @@ def test_both_layouts_generate_the_reference_tokens(deep):
     built, models = deep
     new = 24
     ids, mask = left_padded_prompts(seed=2, lengths=(7, 150))
-    with torch.no_grad():
-        ref = built.reference.generate(
-            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=new, do_sample=False,
-            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True,
-        )  # fmt: skip
-    ref_tokens = ref.sequences[:, ids.shape[1] :].numpy()
-    scores = torch.stack(ref.scores, 1).float().numpy()
-    top2 = np.sort(scores, axis=-1)[..., -2:]
-    near_tie = (top2[..., 1] - top2[..., 0]) <= 10 * RELATIVE_TOLERANCE * np.abs(scores).max(-1)
-    cuts = [int(np.argmax(t)) if t.any() else new for t in near_tie]  # compare up to a near-tie, as test_generation
+    ref_tokens, cuts = reference_greedy(built.reference, ids, mask, new)
     assert min(cuts) >= 16, cuts
     for scan, model in models.items():
         ours = qwen_jax.generate(model, ids, mask, max_new_tokens=new, pad_token_id=0)
