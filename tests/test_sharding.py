@@ -66,3 +66,10 @@ def test_multi_process_detection(monkeypatch):
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert runtime.is_multi_process()
+    # A launcher variable or cache setting that is not a number is bad input, named in one line.
+    monkeypatch.setenv("SLURM_NTASKS", "four")
+    with pytest.raises(InputError, match="SLURM_NTASKS='four' is not an integer"):
+        runtime.is_multi_process()
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "soon")
+    with pytest.raises(InputError, match="JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='soon' is not a number"):
+        runtime.setup()

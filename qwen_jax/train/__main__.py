@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_jax.train.recipe import load_recipe
 
     try:
-        recipe = load_recipe(args.config, args.overrides, smoke=args.smoke)
         from qwen_jax import runtime
+
+        runtime.setup()  # first: it checks the environment's settings before jax reads them
+        recipe = load_recipe(args.config, args.overrides, smoke=args.smoke)
         from qwen_jax.train.trainer import train
 
-        runtime.setup()
         train(recipe, progress=not args.no_progress)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
